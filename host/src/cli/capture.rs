@@ -1,0 +1,204 @@
+//! `weir capture` and the first form of `weir demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::signal::unix::{signal, SignalKind};
+
+use weir::config::{Config, SourceConfig};
+use weir::local_postgres::LocalPostgres;
+use weir::sink::JsonLinesSink;
+use weir::source::{Capture, CaptureEvent, CaptureOptions};
+use weir::Lsn;
+
+/// Longest time a complete transaction waits in the output buffer before it is made
+/// durable and acknowledged, when more events keep coming.
+const MAX_FLUSH_DELAY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// TOML configuration file (its `[source]` table).
+    #[arg(long, short, required_unless_present = "url")]
+    config: Option<PathBuf>,
+    /// PostgreSQL URL, instead of a configuration file.
+    #[arg(long, conflicts_with = "config", requires = "tables")]
+    url: Option<String>,
+    /// Tables to capture with --url, comma separated (`public.users,public.transactions`).
+    #[arg(long, value_delimiter = ',')]
+    tables: Vec<String>,
+    /// Replication slot with --url.
+    #[arg(long, default_value = weir::config::DEFAULT_SLOT)]
+    slot: String,
+    /// Publication with --url.
+    #[arg(long, default_value = weir::config::DEFAULT_PUBLICATION)]
+    publication: String,
+    /// Output file (JSON lines); standard output when absent. A checkpoint is kept next
+    /// to the file so that a restart continues exactly where it stopped.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Stop after the first transaction that ends at or past this LSN (e.g. `0/16B3748`).
+    #[arg(long)]
+    until: Option<Lsn>,
+}
+
+pub async fn run(args: CaptureArgs) -> Result<ExitCode> {
+    let source = match (&args.config, &args.url) {
+        (Some(path), _) => Config::load(path)?.source,
+        (None, Some(url)) => {
+            let mut s = SourceConfig::new(url.clone(), args.tables.clone());
+            s.slot = args.slot.clone();
+            s.publication = args.publication.clone();
+            s
+        }
+        (None, None) => unreachable!("clap requires --config or --url"),
+    };
+    capture_to(&source, args.out.as_deref(), args.until).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Captures until Ctrl-C / SIGTERM or `until`, then flushes, acknowledges and stops.
+pub async fn capture_to(source: &SourceConfig, out: Option<&Path>, until: Option<Lsn>) -> Result<()> {
+    let (mut sink, resume) = JsonLinesSink::open(out, &source.slot)?;
+    let opts = CaptureOptions {
+        resume,
+        stop_at: until,
+        ..CaptureOptions::default()
+    };
+    let mut capture = Capture::start(source, opts).await?;
+    tracing::info!(slot = %source.slot, ?resume, "capturing");
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut progress: Option<ProgressBar> = None;
+    let mut last_flush = Instant::now();
+    let mut failure = None;
+    loop {
+        let ev = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            ev = capture.next() => ev,
+        };
+        let ev = match ev {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        match ev {
+            CaptureEvent::BackfillTable { table, estimated_rows } => {
+                if let Some(bar) = progress.take() {
+                    bar.finish();
+                }
+                let bar = ProgressBar::new(estimated_rows.max(1));
+                bar.set_style(
+                    ProgressStyle::with_template("{msg:>28} [{bar:30}] {human_pos}/{human_len} rows {per_sec}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                );
+                bar.set_message(format!("backfill {table}"));
+                progress = Some(bar);
+            }
+            CaptureEvent::Change(doc) => {
+                sink.write(&doc)?;
+                if let Some(bar) = &progress {
+                    bar.inc(1);
+                }
+            }
+            CaptureEvent::BackfillDone { position } => {
+                if let Some(bar) = progress.take() {
+                    bar.finish();
+                }
+                sink.end_transaction(position);
+                flush(&mut sink, &capture)?;
+                last_flush = Instant::now();
+                tracing::info!(%position, "backfill complete; streaming");
+            }
+            CaptureEvent::Commit { position, .. } => {
+                sink.end_transaction(position);
+                if !capture.has_pending() || last_flush.elapsed() >= MAX_FLUSH_DELAY {
+                    flush(&mut sink, &capture)?;
+                    last_flush = Instant::now();
+                }
+            }
+        }
+    }
+    if let Some(bar) = progress.take() {
+        bar.abandon();
+    }
+    if let Some(position) = sink.close()? {
+        capture.acknowledge(position);
+        tracing::info!(%position, "stopped; acknowledged");
+    }
+    let stopped = capture.shutdown().await;
+    match failure {
+        Some(e) => Err(e.into()),
+        None => stopped.map_err(Into::into),
+    }
+}
+
+fn flush(sink: &mut JsonLinesSink, capture: &Capture) -> Result<()> {
+    if let Some(position) = sink.flush()? {
+        capture.acknowledge(position);
+    }
+    Ok(())
+}
+
+/// Starts a private PostgreSQL with a small bank schema, writes a few transactions a
+/// second into it, and captures them until Ctrl-C.
+pub async fn demo(out: PathBuf) -> Result<ExitCode> {
+    weir::source::install_crypto_provider();
+    let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
+    pg.create_database("bank")?;
+    pg.psql("bank", DEMO_SCHEMA).context("creating the demo tables")?;
+    eprintln!("private PostgreSQL on port {} (database bank); changes go to {}", pg.port(), out.display());
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(weir::sink::jsonl::checkpoint_path(&out));
+    let (client, conn) = tokio_postgres::connect(&pg.url_with_password("bank"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let writer = tokio::spawn(async move {
+        let mut i: i64 = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            i += 1;
+            let user = i % 20 + 1;
+            let amount = format!("{}.{:02}", 10 + (i * 37) % 200, i % 100);
+            let sql = format!(
+                "INSERT INTO transactions (user_id, transaction_date, amount) VALUES ({user}, now(), {amount})"
+            );
+            if client.batch_execute(&sql).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut source = SourceConfig::new(pg.url("bank"), vec!["public.users".into(), "public.transactions".into()]);
+    source.password_file = Some(pg.password_file());
+    let result = capture_to(&source, Some(&out), None).await;
+    writer.abort();
+    result?;
+    eprintln!("stopped; {} holds the captured changes", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+const DEMO_SCHEMA: &str = "
+CREATE TABLE users (
+  user_id serial PRIMARY KEY,
+  name text NOT NULL,
+  email text NOT NULL,
+  registration_date date NOT NULL DEFAULT current_date
+);
+CREATE TABLE transactions (
+  transaction_id bigserial PRIMARY KEY,
+  user_id int NOT NULL REFERENCES users,
+  transaction_date timestamptz NOT NULL,
+  amount numeric(12,2) NOT NULL
+);
+INSERT INTO users (name, email)
+  SELECT 'user ' || i, 'user' || i || '@example.com' FROM generate_series(1, 20) i;
+INSERT INTO transactions (user_id, transaction_date, amount)
+  SELECT 1 + i % 20, now() - (i || ' minutes')::interval, 10 + (i * 7) % 150
+  FROM generate_series(1, 200) i;
+";

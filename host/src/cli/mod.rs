@@ -1,0 +1,58 @@
+//! Command line: parsing and dispatch. Commands live in their own modules.
+
+mod bench;
+mod capture;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// weir: PostgreSQL changes, exactly once, into Delta Lake through WASM plugins.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Capture changes from PostgreSQL into a JSON lines file (or standard output).
+    Capture(capture::CaptureArgs),
+    /// Run the built-in benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+    /// Start a private PostgreSQL with demo tables and capture from it until Ctrl-C.
+    Demo {
+        /// Where to write the change documents.
+        #[arg(long, default_value = "demo-changes.jsonl")]
+        out: PathBuf,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Capture(args) => capture::run(args).await,
+            Command::Bench { which } => bench::run(which).await,
+            Command::Demo { out } => capture::demo(out).await,
+        }
+    })
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new("weir=info,warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,8 @@
+//! Decoding what PostgreSQL sends: pgoutput messages ([`pgoutput`]) and the text form of
+//! column values ([`value`]).
+
+pub mod pgoutput;
+pub mod value;
+
+pub use pgoutput::{decode, Column, DecodeError, Message, RelationColumn, TupleValue};
+pub use value::{TypeKind, TypeRegistry};

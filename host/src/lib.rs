@@ -1,0 +1,28 @@
+//! weir: a PostgreSQL database as a real-time, exactly-once feed of change documents, on
+//! its way to Delta Lake through sandboxed WebAssembly plugins.
+//!
+//! The flow, and the modules that hold each step:
+//!
+//! ```text
+//! PostgreSQL ──pgoutput──▶ source ──▶ decode ──▶ document ──▶ sink
+//!  publication, slot        │ backfill (COPY in the slot's snapshot), streaming
+//!                           └◀── acknowledge: only what the sink made durable
+//! ```
+//!
+//! - [`source`]: connects, sets up publication and slot, backfills, streams, acknowledges.
+//! - [`decode`]: pgoutput messages and the text form of values, never panicking on input.
+//! - [`document`]: the change document every later stage sees.
+//! - [`sink`]: where documents go (JSON lines files for `weir capture`).
+//! - [`config`]: the typed configuration.
+//! - [`local_postgres`]: a private PostgreSQL cluster for tests, demos and benchmarks.
+
+pub mod config;
+pub mod decode;
+pub mod document;
+pub mod local_postgres;
+pub mod lsn;
+pub mod sink;
+pub mod source;
+
+pub use document::{ChangeDocument, Op};
+pub use lsn::Lsn;

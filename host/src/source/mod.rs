@@ -1,0 +1,446 @@
+//! PostgreSQL change capture: a consistent backfill, then the pgoutput stream, as change
+//! documents.
+//!
+//! # Delivery guarantee
+//!
+//! [`Capture`] delivers every change of the configured tables at least once, in commit
+//! order, grouped by transaction ([`CaptureEvent::Commit`] closes each). It acknowledges
+//! to PostgreSQL only the positions its consumer passes to [`Capture::acknowledge`], so a
+//! crash replays what the consumer had not made durable. A consumer that records the last
+//! position it made durable and passes it back as [`Resume::After`] gets exactly-once:
+//! transactions that committed before that position are skipped.
+
+mod backfill;
+mod changes;
+mod connection;
+pub mod error;
+pub mod relation;
+mod setup;
+
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use connection::{install_crypto_provider, ConnectionSettings};
+pub use error::SourceError;
+
+use changes::{pg_time_to_unix_ms, ChangeBuilder, Decoded, Transaction};
+use crate::config::SourceConfig;
+use crate::decode;
+use crate::document::ChangeDocument;
+use crate::lsn::Lsn;
+
+/// Where the consumer stands when the capture starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The consumer has nothing: backfill first (recreating the slot if it exists).
+    Fresh,
+    /// Every transaction that committed before this position is durable downstream.
+    After(Lsn),
+}
+
+/// Options of a capture beyond the source configuration.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// Where the consumer stands.
+    pub resume: Resume,
+    /// Stop after the first transaction that ends at or past this position.
+    pub stop_at: Option<Lsn>,
+    /// Events buffered between the capture and its consumer.
+    pub buffer: usize,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            resume: Resume::Fresh,
+            stop_at: None,
+            buffer: 4096,
+        }
+    }
+}
+
+/// What the capture delivers.
+#[derive(Debug)]
+pub enum CaptureEvent {
+    /// The backfill starts copying a table.
+    BackfillTable {
+        /// `schema.table`.
+        table: String,
+        /// PostgreSQL's estimate of its row count.
+        estimated_rows: u64,
+    },
+    /// A change (or a backfilled row).
+    Change(ChangeDocument),
+    /// The backfill is complete: acknowledging `position` records that.
+    BackfillDone {
+        /// The slot's consistent point.
+        position: Lsn,
+    },
+    /// A source transaction is complete.
+    Commit {
+        /// Its commit LSN (the `source.lsn` of its documents).
+        lsn: Lsn,
+        /// The position to acknowledge once its changes are durable.
+        position: Lsn,
+    },
+}
+
+/// A running capture: receive events with [`Capture::next`], acknowledge durable
+/// positions with [`Capture::acknowledge`], end with [`Capture::shutdown`].
+pub struct Capture {
+    events: mpsc::Receiver<Result<CaptureEvent, SourceError>>,
+    ack: watch::Sender<Lsn>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), SourceError>>,
+    /// Where PostgreSQL has last been told we stand (read by `shutdown`).
+    reported: watch::Receiver<Lsn>,
+}
+
+impl Capture {
+    /// Checks the server, sets up publication and slot, and starts capturing. Problems with
+    /// the server or the configuration are reported here, before any event.
+    pub async fn start(cfg: &SourceConfig, opts: CaptureOptions) -> Result<Capture, SourceError> {
+        install_crypto_provider();
+        let settings = ConnectionSettings::from_config(cfg)?;
+        let client = settings.connect_sql().await?;
+        setup::check_server(&client, &settings.user).await?;
+        let tables = setup::find_tables(&client, cfg, &settings.database).await?;
+        let types = setup::load_types(&client, &tables).await?;
+        let publications = setup::ensure_publications(&client, cfg, &tables, &settings.user).await?;
+
+        let slot = setup::slot_state(&client, &cfg.slot).await?;
+        if let Some(s) = &slot {
+            if let Some(pid) = s.active_pid {
+                return Err(SourceError::SlotInUse {
+                    slot: cfg.slot.clone(),
+                    pid,
+                });
+            }
+            if s.slot_type != "logical" || s.plugin != "pgoutput" {
+                return Err(SourceError::SlotUnusable {
+                    slot: cfg.slot.clone(),
+                    reason: format!(
+                        "it is a {} slot with plugin `{}`; weir needs a logical slot with pgoutput. \
+                         Drop it or configure another source.slot",
+                        s.slot_type, s.plugin
+                    ),
+                });
+            }
+            if s.database.as_deref() != Some(settings.database.as_str()) {
+                return Err(SourceError::SlotUnusable {
+                    slot: cfg.slot.clone(),
+                    reason: format!(
+                        "it belongs to database `{}`, not `{}`",
+                        s.database.as_deref().unwrap_or("?"),
+                        settings.database
+                    ),
+                });
+            }
+        }
+
+        let mut repl_cfg = settings.replication_config(&cfg.slot, publications);
+        repl_cfg.status_interval = Duration::from_millis(cfg.status_interval_ms);
+        repl_cfg.idle_wakeup_interval = Duration::from_millis(cfg.status_interval_ms);
+        repl_cfg.stop_at_lsn = opts.stop_at.map(Into::into);
+
+        let (tx, rx) = mpsc::channel(opts.buffer.max(1));
+        let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (reported_tx, reported_rx) = watch::channel(Lsn::ZERO);
+        let slot_name = cfg.slot.clone();
+        let repl_err = move |slot: &str| {
+            let slot = slot.to_string();
+            move |source| SourceError::Replication { slot, source }
+        };
+
+        let (repl, resume_at, backfill) = match (slot, opts.resume) {
+            (None, Resume::After(position)) => {
+                return Err(SourceError::SlotLost {
+                    slot: cfg.slot.clone(),
+                    position,
+                });
+            }
+            (Some(_), Resume::After(position)) => {
+                repl_cfg.start_lsn = position.into();
+                let repl = ReplicationClient::connect(repl_cfg).await.map_err(repl_err(&slot_name))?;
+                (repl, position, None)
+            }
+            (existing, Resume::Fresh) => {
+                if existing.is_some() {
+                    tracing::warn!(
+                        slot = %cfg.slot,
+                        "the slot exists but the output holds no completed backfill: recreating the slot and backfilling"
+                    );
+                    setup::drop_slot(&client, &cfg.slot).await?;
+                }
+                let mut repl = ReplicationClient::connect_gated(repl_cfg).await.map_err(repl_err(&slot_name))?;
+                let (consistent_point, snapshot) =
+                    backfill::create_slot(&mut repl, &cfg.slot).await.map_err(|e| match e {
+                        SourceError::Replication { source, .. } if source.is_auth() => SourceError::Authentication {
+                            user: settings.user.clone(),
+                            target: settings.target(),
+                            reason: source.to_string(),
+                        },
+                        other => other,
+                    })?;
+                tracing::info!(slot = %cfg.slot, %consistent_point, "created replication slot");
+                (repl, consistent_point, Some((snapshot, consistent_point)))
+            }
+        };
+
+        let worker = Worker {
+            slot: slot_name,
+            events: tx,
+            ack: ack_rx,
+            stop: stop_rx,
+            reported: reported_tx,
+            builder: ChangeBuilder::new(types),
+            resume_at,
+            delivered: resume_at,
+        };
+        let task = tokio::spawn(worker.run(repl, client, tables, backfill));
+        Ok(Capture {
+            events: rx,
+            ack: ack_tx,
+            stop: stop_tx,
+            task,
+            reported: reported_rx,
+        })
+    }
+
+    /// The next event; `Ok(None)` when the capture ended (stop position reached or
+    /// shutdown requested).
+    pub async fn next(&mut self) -> Result<Option<CaptureEvent>, SourceError> {
+        match self.events.recv().await {
+            Some(Ok(ev)) => Ok(Some(ev)),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether an event is waiting (a consumer can flush while there is none).
+    pub fn has_pending(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Declares every change before `position` durable: PostgreSQL may discard its WAL.
+    pub fn acknowledge(&self, position: Lsn) {
+        self.ack.send_if_modified(|cur| {
+            if position > *cur {
+                *cur = position;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Stops the capture after telling PostgreSQL the last acknowledged position.
+    pub async fn shutdown(mut self) -> Result<(), SourceError> {
+        let _ = self.stop.send(true);
+        // Drain so that the worker is never stuck on a full channel.
+        let drain = async {
+            while let Some(ev) = self.events.recv().await {
+                if let Err(e) = ev {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        };
+        let drained = drain.await;
+        let ended = match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(SourceError::Protocol {
+                lsn: *self.reported.borrow(),
+                message: format!("capture task failed: {e}"),
+            }),
+        };
+        drained.and(ended)
+    }
+}
+
+struct Worker {
+    slot: String,
+    events: mpsc::Sender<Result<CaptureEvent, SourceError>>,
+    ack: watch::Receiver<Lsn>,
+    stop: watch::Receiver<bool>,
+    reported: watch::Sender<Lsn>,
+    builder: ChangeBuilder,
+    /// Transactions that committed before this are skipped.
+    resume_at: Lsn,
+    /// End of the last transaction delivered (or skipped).
+    delivered: Lsn,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut repl: ReplicationClient,
+        client: tokio_postgres::Client,
+        tables: Vec<relation::TableInfo>,
+        backfill: Option<(String, Lsn)>,
+    ) -> Result<(), SourceError> {
+        let result = self.run_inner(&mut repl, client, tables, backfill).await;
+        self.finish(&mut repl).await;
+        match result {
+            // The consumer sees the error as its next event; when it is gone, whoever
+            // awaits the task gets it.
+            Err(e) if !self.events.is_closed() => {
+                let _ = self.events.send(Err(e)).await;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn run_inner(
+        &mut self,
+        repl: &mut ReplicationClient,
+        client: tokio_postgres::Client,
+        tables: Vec<relation::TableInfo>,
+        backfill: Option<(String, Lsn)>,
+    ) -> Result<(), SourceError> {
+        if let Some((snapshot, consistent_point)) = backfill {
+            let registry = setup::load_types(&client, &tables).await?;
+            backfill::copy_tables(&client, &snapshot, consistent_point, &tables, &registry, &self.events).await?;
+            self.send(CaptureEvent::BackfillDone {
+                position: consistent_point,
+            })
+            .await?;
+            repl.start().await.map_err(|source| self.repl_error(source))?;
+        }
+        drop(client);
+        repl.wait_started().await.map_err(|source| self.repl_error(source))?;
+        self.stream(repl).await
+    }
+
+    fn repl_error(&self, source: pgwire_replication::PgWireError) -> SourceError {
+        SourceError::Replication {
+            slot: self.slot.clone(),
+            source,
+        }
+    }
+
+    async fn send(&self, ev: CaptureEvent) -> Result<(), SourceError> {
+        self.events.send(Ok(ev)).await.map_err(|_| SourceError::ConsumerGone)
+    }
+
+    fn forward_ack(&self, repl: &ReplicationClient) {
+        let acked = *self.ack.borrow();
+        if acked > Lsn::ZERO {
+            repl.update_applied_lsn(acked.into());
+        }
+    }
+
+    async fn stream(&mut self, repl: &mut ReplicationClient) -> Result<(), SourceError> {
+        let mut txn: Option<(Transaction, bool)> = None;
+        loop {
+            let ev = tokio::select! {
+                biased;
+                _ = self.stop.changed() => return Ok(()),
+                changed = self.ack.changed() => {
+                    if changed.is_ok() {
+                        self.forward_ack(repl);
+                    }
+                    continue;
+                }
+                ev = repl.recv() => ev.map_err(|source| self.repl_error(source))?,
+            };
+            let Some(ev) = ev else { return Ok(()) };
+            match ev {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
+                    let lsn = Lsn::from(final_lsn);
+                    let skip = lsn < self.resume_at;
+                    txn = Some((
+                        Transaction {
+                            lsn,
+                            xid,
+                            ts_ms: pg_time_to_unix_ms(commit_time_micros),
+                            seq: 0,
+                        },
+                        skip,
+                    ));
+                }
+                ReplicationEvent::XLogData { data, wal_start, .. } => {
+                    let msg = decode::decode(&data).map_err(|source| SourceError::Decode {
+                        lsn: wal_start.into(),
+                        source,
+                    })?;
+                    let Some((t, skip)) = txn.as_mut() else {
+                        // Relation messages may only come inside transactions; anything
+                        // else outside one is a protocol violation worth stopping for.
+                        return Err(SourceError::Protocol {
+                            lsn: wal_start.into(),
+                            message: "change outside a transaction".into(),
+                        });
+                    };
+                    let decoded = self.builder.apply(msg, t).map_err(|message| SourceError::Protocol {
+                        lsn: wal_start.into(),
+                        message,
+                    })?;
+                    if let (Decoded::Documents(docs), false) = (decoded, *skip) {
+                        for doc in docs {
+                            self.send(CaptureEvent::Change(doc)).await?;
+                        }
+                    }
+                }
+                ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                    let position = Lsn::from(end_lsn);
+                    match txn.take() {
+                        Some((_, true)) => {
+                            // Durable downstream already: acknowledge right away.
+                            tracing::debug!(lsn = %Lsn::from(lsn), "skipped a transaction delivered before the restart");
+                            repl.update_applied_lsn(end_lsn);
+                        }
+                        _ => {
+                            self.send(CaptureEvent::Commit {
+                                lsn: lsn.into(),
+                                position,
+                            })
+                            .await?
+                        }
+                    }
+                    self.delivered = self.delivered.max(position);
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    // Idle: when everything delivered is acknowledged, the server's position
+                    // can be acknowledged too, so WAL of unrelated activity is not retained.
+                    let acked = *self.ack.borrow();
+                    if txn.is_none() && acked >= self.delivered && acked > Lsn::ZERO {
+                        let wal_end = Lsn::from(wal_end);
+                        if wal_end > acked {
+                            repl.update_applied_lsn(wal_end.into());
+                        }
+                    }
+                }
+                ReplicationEvent::Message { .. } => {}
+                ReplicationEvent::StoppedAt { .. } => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends the last acknowledged position and waits (bounded) until the worker has
+    /// reported it, because the transport sends no status update when it stops.
+    async fn finish(&self, repl: &mut ReplicationClient) {
+        self.forward_ack(repl);
+        let target = *self.ack.borrow();
+        let metrics = repl.metrics();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while target > Lsn::ZERO
+            && Lsn::from(metrics.last_applied_lsn()) < target
+            && repl.is_running()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.reported.send(Lsn::from(metrics.last_applied_lsn()));
+        let _ = repl.shutdown().await;
+    }
+}

@@ -1,0 +1,277 @@
+//! Before streaming: check the server, find the tables, make the publications and the slot
+//! what the configuration asks for.
+
+use std::collections::HashSet;
+
+use tokio_postgres::Client;
+
+use super::error::SourceError;
+use super::relation::TableInfo;
+use crate::config::SourceConfig;
+use crate::decode::value::TypeDescription;
+use crate::decode::TypeRegistry;
+
+/// Suffix of the publication for tables without a replica identity: it publishes only
+/// inserts and truncates, so that PostgreSQL keeps accepting updates and deletes on them.
+pub const INSERT_ONLY_SUFFIX: &str = "_insert_only";
+
+fn query_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    let context = context.into();
+    move |source| SourceError::Query { context, source }
+}
+
+/// Checks `wal_level` and the role's right to replicate.
+pub async fn check_server(client: &Client, user: &str) -> Result<(), SourceError> {
+    let row = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(query_err("reading wal_level"))?;
+    let level: String = row.get(0);
+    if level != "logical" {
+        return Err(SourceError::WalLevel { actual: level });
+    }
+    let row = client
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(query_err("reading the role's attributes"))?;
+    if !row.get::<_, bool>(0) {
+        return Err(SourceError::Privilege {
+            role: user.to_string(),
+            action: "open a replication connection".into(),
+            fix: format!("as a superuser, run ALTER ROLE \"{user}\" REPLICATION"),
+        });
+    }
+    Ok(())
+}
+
+/// Resolves the configured table names, in configuration order.
+pub async fn find_tables(
+    client: &Client,
+    cfg: &SourceConfig,
+    database: &str,
+) -> Result<Vec<TableInfo>, SourceError> {
+    let mut tables = Vec::with_capacity(cfg.tables.len());
+    let mut seen = HashSet::new();
+    for name in &cfg.tables {
+        let row = client
+            .query_one(
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text, \
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = to_regclass($1)",
+                &[name],
+            )
+            .await;
+        let row = match row {
+            Ok(row) => row,
+            Err(e) if e.as_db_error().is_none() && e.to_string().contains("unexpected number of rows") => {
+                return Err(SourceError::TableMissing {
+                    table: name.clone(),
+                    database: database.to_string(),
+                });
+            }
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42602") => {
+                return Err(SourceError::TableMissing {
+                    table: name.clone(),
+                    database: database.to_string(),
+                });
+            }
+            Err(e) => return Err(query_err(format!("looking up table `{name}`"))(e)),
+        };
+        let kind: String = row.get(4);
+        if kind != "r" && kind != "p" {
+            return Err(SourceError::Settings(format!(
+                "`{name}` is not a table (relkind {kind}); only tables can be captured"
+            )));
+        }
+        let info = TableInfo {
+            oid: row.get(0),
+            schema: row.get::<_, String>(1).into(),
+            name: row.get::<_, String>(2).into(),
+            replica_identity: row.get::<_, String>(3).bytes().next().unwrap_or(b'd'),
+            has_primary_key: row.get(5),
+        };
+        if seen.insert(info.oid) {
+            tables.push(info);
+        }
+    }
+    Ok(tables)
+}
+
+/// Loads what the database says about the non-builtin types of the tables' columns.
+pub async fn load_types(client: &Client, tables: &[TableInfo]) -> Result<TypeRegistry, SourceError> {
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let rows = client
+        .query(TypeRegistry::CATALOG_QUERY, &[&oids])
+        .await
+        .map_err(query_err("reading column types"))?;
+    let parse = |s: String| s.parse::<u32>().unwrap_or(0);
+    let types: Vec<TypeDescription> = rows
+        .into_iter()
+        .map(|r| TypeDescription {
+            oid: parse(r.get(0)),
+            typtype: r.get::<_, String>(1).bytes().next().unwrap_or(b'b'),
+            element: parse(r.get(2)),
+            base: parse(r.get(3)),
+        })
+        .collect();
+    let mut registry = TypeRegistry::default();
+    registry.describe(&types);
+    Ok(registry)
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Makes sure the publications contain the tables; returns the publication names to
+/// stream from.
+pub async fn ensure_publications(
+    client: &Client,
+    cfg: &SourceConfig,
+    tables: &[TableInfo],
+    user: &str,
+) -> Result<Vec<String>, SourceError> {
+    let (full, insert_only): (Vec<&TableInfo>, Vec<&TableInfo>) =
+        tables.iter().partition(|t| t.has_identity());
+    for t in &insert_only {
+        tracing::warn!(
+            table = %t.qualified(),
+            "table has no primary key or replica identity: its inserts are captured, but not \
+             its updates and deletes. Fix: ALTER TABLE {} REPLICA IDENTITY FULL (or add a primary key)",
+            t.qualified()
+        );
+    }
+    let mut names = vec![cfg.publication.clone()];
+    ensure_publication(client, &cfg.publication, "", &full, user).await?;
+    let insert_only_name = format!("{}{}", cfg.publication, INSERT_ONLY_SUFFIX);
+    if !insert_only.is_empty() || publication_exists(client, &insert_only_name).await? {
+        ensure_publication(
+            client,
+            &insert_only_name,
+            " WITH (publish = 'insert, truncate')",
+            &insert_only,
+            user,
+        )
+        .await?;
+        names.push(insert_only_name);
+    }
+    Ok(names)
+}
+
+async fn publication_exists(client: &Client, name: &str) -> Result<bool, SourceError> {
+    let row = client
+        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&name])
+        .await
+        .map_err(query_err("reading publications"))?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    with: &str,
+    tables: &[&TableInfo],
+    user: &str,
+) -> Result<(), SourceError> {
+    let list = tables.iter().map(|t| t.qualified()).collect::<Vec<_>>().join(", ");
+    let privilege = |e: tokio_postgres::Error, sql: String| {
+        if e.as_db_error().is_some_and(|d| d.code().code() == "42501") {
+            SourceError::Privilege {
+                role: user.to_string(),
+                action: format!("create or change publication `{name}`"),
+                fix: format!(
+                    "have the tables' owner (or a superuser) run: {sql}; weir then reuses it"
+                ),
+            }
+        } else {
+            SourceError::Query {
+                context: format!("setting up publication `{name}` ({sql})"),
+                source: e,
+            }
+        }
+    };
+    let row = client
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+        .await
+        .map_err(query_err("reading publications"))?;
+    let Some(row) = row else {
+        let sql = if tables.is_empty() {
+            format!("CREATE PUBLICATION {}{with}", quote_ident(name))
+        } else {
+            format!("CREATE PUBLICATION {} FOR TABLE {list}{with}", quote_ident(name))
+        };
+        client.batch_execute(&sql).await.map_err(|e| privilege(e, sql.clone()))?;
+        tracing::info!(publication = name, tables = %list, "created publication");
+        return Ok(());
+    };
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let present: HashSet<(String, String)> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(query_err("reading publication tables"))?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for t in tables {
+        if !present.contains(&(t.schema.to_string(), t.name.to_string())) {
+            let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), t.qualified());
+            client.batch_execute(&sql).await.map_err(|e| privilege(e, sql.clone()))?;
+            tracing::warn!(
+                publication = name,
+                table = %t.qualified(),
+                "added table to an existing publication: its rows from before now are not backfilled"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What PostgreSQL says about the slot.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    /// Output plugin.
+    pub plugin: String,
+    /// Slot kind (`logical` / `physical`).
+    pub slot_type: String,
+    /// Database it belongs to.
+    pub database: Option<String>,
+    /// PID of the session holding it.
+    pub active_pid: Option<i32>,
+}
+
+/// Reads the slot, if it exists.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(plugin::text, ''), slot_type, database::text, active_pid, \
+               confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_err("reading replication slots"))?;
+    Ok(row.map(|r| SlotState {
+        plugin: r.get(0),
+        slot_type: r.get(1),
+        database: r.get(2),
+        active_pid: r.get(3),
+    }))
+}
+
+/// Drops the slot (it must not be in use).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(query_err(format!("dropping replication slot `{slot}`")))?;
+    Ok(())
+}
