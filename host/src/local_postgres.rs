@@ -52,6 +52,11 @@ impl LocalPostgres {
 
     /// Creates and starts a cluster.
     pub fn start() -> Result<LocalPostgres> {
+        Self::start_with("")
+    }
+
+    /// Creates and starts a cluster with extra `postgresql.conf` lines (they win over ours).
+    pub fn start_with(extra_conf: &str) -> Result<LocalPostgres> {
         let bin = Self::find_binaries()?;
         let root = unsafe { libc::geteuid() } == 0;
         let dir = tempfile::Builder::new().prefix("weir-pg-").tempdir()?;
@@ -95,7 +100,7 @@ impl LocalPostgres {
              max_connections = 200\nfsync = off\nfull_page_writes = off\nsynchronous_commit = off\n\
              wal_sender_timeout = 60s\nshared_buffers = 128MB\n",
             pg.dir.path().display()
-        );
+        ) + extra_conf + "\n";
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
         text.push_str(&conf);
@@ -137,6 +142,19 @@ impl LocalPostgres {
     /// Connection URL with the password in it (for clients in tests and the demo only).
     pub fn url_with_password(&self, database: &str) -> String {
         format!("postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Writes a file into the data folder, owned by the server's user, mode 0600 (for
+    /// TLS keys and certificates).
+    pub fn install_file(&self, name: &str, contents: &[u8]) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data_dir().join(name);
+        std::fs::write(&path, contents)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if self.run_as.is_some() {
+            chown_to_postgres(&path)?;
+        }
+        Ok(path)
     }
 
     /// Creates a database.
