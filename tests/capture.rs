@@ -293,7 +293,7 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
     capture.acknowledge(position);
     db.cluster.create_database("elsewhere").unwrap();
     db.cluster.psql("elsewhere", "CREATE TABLE x AS SELECT generate_series(1, 10000) i").unwrap();
-    let wal_now: weir::Lsn = db.sql("SELECT pg_current_wal_lsn()").parse().unwrap();
+    let wal_now: weir::Lsn = db.sql("SELECT pg_current_wal_insert_lsn()").parse().unwrap();
     let keepalives = async {
         // Keep the stream moving so keepalives arrive; nothing else is delivered.
         while let Ok(Ok(Some(ev))) = tokio::time::timeout(Duration::from_secs(20), capture.next()).await {

@@ -104,11 +104,7 @@ fn capture(rows: u64, transactions: u64) -> Result<()> {
 
     eprintln!("inserting {rows} rows in {transactions} transactions...");
     let per = rows / transactions;
-    let mut before_last = String::new();
     for t in 0..transactions {
-        if t == transactions - 1 {
-            before_last = pg.psql("bench", "SELECT pg_current_wal_lsn()")?;
-        }
         let n = if t == transactions - 1 { rows - per * t } else { per };
         pg.psql(
             "bench",
@@ -118,7 +114,7 @@ fn capture(rows: u64, transactions: u64) -> Result<()> {
             ),
         )?;
     }
-    let end = pg.psql("bench", "SELECT pg_current_wal_lsn()")?;
+    let end = pg.psql("bench", "SELECT pg_current_wal_insert_lsn()")?;
 
     eprintln!("draining with pg_recvlogical...");
     let mut recv = pg.command("pg_recvlogical");
@@ -129,7 +125,7 @@ fn capture(rows: u64, transactions: u64) -> Result<()> {
     let baseline = measure(recv)?;
 
     eprintln!("draining with weir capture...");
-    let ours = measure(weir_cmd(Some(&before_last)))?;
+    let ours = measure(weir_cmd(Some(&end)))?;
     let captured = std::fs::read_to_string(&out)?.lines().count() as u64;
     if captured != rows {
         bail!("weir captured {captured} rows, expected {rows}");

@@ -40,7 +40,8 @@ pub struct CaptureArgs {
     /// to the file so that a restart continues exactly where it stopped.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Stop after the first transaction that ends at or past this LSN (e.g. `0/16B3748`).
+    /// Stop when the stream reaches this LSN (e.g. `0/16B3748`): every transaction that
+    /// committed before it is captured, none after it.
     #[arg(long)]
     until: Option<Lsn>,
 }
@@ -70,13 +71,15 @@ pub async fn capture_to(source: &SourceConfig, out: Option<&Path>, until: Option
     };
     let mut capture = Capture::start(source, opts).await?;
     tracing::info!(slot = %source.slot, ?resume, "capturing");
+    // Streams made once: a signal that arrives between two polls is kept, not lost.
+    let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut progress: Option<ProgressBar> = None;
     let mut last_flush = Instant::now();
     let mut failure = None;
     loop {
         let ev = tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             ev = capture.next() => ev,
         };

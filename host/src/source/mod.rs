@@ -46,7 +46,8 @@ pub enum Resume {
 pub struct CaptureOptions {
     /// Where the consumer stands.
     pub resume: Resume,
-    /// Stop after the first transaction that ends at or past this position.
+    /// Stop once the stream reaches this position: every transaction that committed
+    /// before it is delivered, none after it.
     pub stop_at: Option<Lsn>,
     /// Events buffered between the capture and its consumer.
     pub buffer: usize,
@@ -144,7 +145,6 @@ impl Capture {
         let mut repl_cfg = settings.replication_config(&cfg.slot, publications);
         repl_cfg.status_interval = Duration::from_millis(cfg.status_interval_ms);
         repl_cfg.idle_wakeup_interval = Duration::from_millis(cfg.status_interval_ms);
-        repl_cfg.stop_at_lsn = opts.stop_at.map(Into::into);
 
         let (tx, rx) = mpsc::channel(opts.buffer.max(1));
         let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
@@ -200,6 +200,7 @@ impl Capture {
             builder: ChangeBuilder::new(types),
             resume_at,
             delivered: resume_at,
+            stop_at: opts.stop_at,
         };
         let task = tokio::spawn(worker.run(repl, client, tables, backfill));
         Ok(Capture {
@@ -273,6 +274,8 @@ struct Worker {
     resume_at: Lsn,
     /// End of the last transaction delivered (or skipped).
     delivered: Lsn,
+    /// Where to stop.
+    stop_at: Option<Lsn>,
 }
 
 impl Worker {
@@ -357,6 +360,9 @@ impl Worker {
                     commit_time_micros,
                 } => {
                     let lsn = Lsn::from(final_lsn);
+                    if self.stop_at.is_some_and(|stop| lsn >= stop) {
+                        return Ok(());
+                    }
                     let skip = lsn < self.resume_at;
                     txn = Some((
                         Transaction {
@@ -410,6 +416,9 @@ impl Worker {
                     self.delivered = self.delivered.max(position);
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if txn.is_none() && self.stop_at.is_some_and(|stop| Lsn::from(wal_end) >= stop) {
+                        return Ok(());
+                    }
                     // Idle: when everything delivered is acknowledged, the server's position
                     // can be acknowledged too, so WAL of unrelated activity is not retained.
                     let acked = *self.ack.borrow();
