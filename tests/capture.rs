@@ -6,8 +6,8 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use support::{backfill, changes, next_event, wait_for, TestDb};
+use serde_json::{Value, json};
+use support::{TestDb, backfill, changes, next_event, wait_for};
 use weir::source::{Capture, CaptureEvent, CaptureOptions, Resume};
 
 fn meta<'a>(doc: &'a Value, field: &str) -> &'a Value {
@@ -41,11 +41,17 @@ async fn backfill_then_every_op() {
          TRUNCATE users;",
     );
     let docs = changes(&mut capture, 4).await;
-    let ops: Vec<&str> = docs.iter().map(|d| meta(d, "op").as_str().unwrap()).collect();
+    let ops: Vec<&str> = docs
+        .iter()
+        .map(|d| meta(d, "op").as_str().unwrap())
+        .collect();
     assert_eq!(ops, ["c", "u", "d", "t"]);
     assert_eq!(docs[0]["name"], json!("cy"));
     assert_eq!(docs[1]["name"], json!("anne"));
-    assert!(meta(&docs[1], "before").is_null(), "default identity sends no old row for a non-key update");
+    assert!(
+        meta(&docs[1], "before").is_null(),
+        "default identity sends no old row for a non-key update"
+    );
     // A delete with the default identity carries the key.
     assert_eq!(docs[2]["id"], json!(2));
     assert!(docs[2]["name"].is_null());
@@ -54,7 +60,10 @@ async fn backfill_then_every_op() {
     let src: Vec<&Value> = docs[..3].iter().map(|d| meta(d, "source")).collect();
     assert_eq!(src[0]["lsn"], src[2]["lsn"]);
     assert_eq!(src[0]["txid"], src[2]["txid"]);
-    assert_eq!((src[0]["seq"].clone(), src[2]["seq"].clone()), (json!(0), json!(2)));
+    assert_eq!(
+        (src[0]["seq"].clone(), src[2]["seq"].clone()),
+        (json!(0), json!(2))
+    );
     assert_ne!(src[0]["lsn"], meta(&docs[3], "source")["lsn"]);
     assert!(src[0]["ts_ms"].as_i64().unwrap() > 1_600_000_000_000);
     capture.shutdown().await.unwrap();
@@ -71,14 +80,19 @@ async fn backfill_is_consistent_with_concurrent_writes() {
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                client.batch_execute("INSERT INTO t (v) VALUES (0)").await.unwrap();
+                client
+                    .batch_execute("INSERT INTO t (v) VALUES (0)")
+                    .await
+                    .unwrap();
                 n += 1;
             }
             n
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut capture = Capture::start(&db.source(&["t"]), CaptureOptions::default()).await.unwrap();
+    let mut capture = Capture::start(&db.source(&["t"]), CaptureOptions::default())
+        .await
+        .unwrap();
     let mut seen: HashMap<i64, usize> = HashMap::new();
     for doc in backfill(&mut capture).await {
         *seen.entry(doc["id"].as_i64().unwrap()).or_default() += 1;
@@ -86,7 +100,10 @@ async fn backfill_is_consistent_with_concurrent_writes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = writer.await.unwrap();
-    assert!(written > 10, "the writer must overlap the capture start ({written} rows)");
+    assert!(
+        written > 10,
+        "the writer must overlap the capture start ({written} rows)"
+    );
     let total: usize = db.sql("SELECT count(*) FROM t").parse().unwrap();
     let missing = total - seen.len();
     for doc in changes(&mut capture, missing).await {
@@ -94,7 +111,10 @@ async fn backfill_is_consistent_with_concurrent_writes() {
     }
     let max: i64 = db.sql("SELECT max(id) FROM t").parse().unwrap();
     assert_eq!(seen.len(), total);
-    assert!((1..=max).all(|id| seen.get(&id) == Some(&1)), "every row exactly once");
+    assert!(
+        (1..=max).all(|id| seen.get(&id) == Some(&1)),
+        "every row exactly once"
+    );
     // Nothing more arrives: no row was delivered twice later on.
     let extra = tokio::time::timeout(Duration::from_millis(700), capture.next()).await;
     assert!(
@@ -124,11 +144,17 @@ async fn before_images_with_replica_identity_full_and_key_changes() {
          UPDATE key_t SET id = 2 WHERE id = 1;",
     );
     let docs = changes(&mut capture, 3).await;
-    assert_eq!(meta(&docs[0], "before"), &json!({"id": 1, "a": "x", "b": 10}));
+    assert_eq!(
+        meta(&docs[0], "before"),
+        &json!({"id": 1, "a": "x", "b": 10})
+    );
     assert_eq!(docs[0]["b"], json!(11));
     // A delete under FULL carries the whole old row at top level.
     assert_eq!(meta(&docs[1], "op"), "d");
-    assert_eq!((docs[1]["a"].clone(), docs[1]["b"].clone()), (json!("x"), json!(11)));
+    assert_eq!(
+        (docs[1]["a"].clone(), docs[1]["b"].clone()),
+        (json!("x"), json!(11))
+    );
     // A key change under the default identity sends the old key only.
     assert_eq!(meta(&docs[2], "before"), &json!({"id": 1}));
     assert_eq!(docs[2]["id"], json!(2));
@@ -142,7 +168,9 @@ async fn unchanged_toast_values_are_marked_not_null() {
         "CREATE TABLE docs (id int PRIMARY KEY, title text, body text);
          ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
     );
-    let mut capture = Capture::start(&db.source(&["docs"]), CaptureOptions::default()).await.unwrap();
+    let mut capture = Capture::start(&db.source(&["docs"]), CaptureOptions::default())
+        .await
+        .unwrap();
     backfill(&mut capture).await;
     db.sql(
         "INSERT INTO docs SELECT 1, 'first', string_agg(md5(i::text), '') FROM generate_series(1, 2000) i;
@@ -151,7 +179,10 @@ async fn unchanged_toast_values_are_marked_not_null() {
     let docs = changes(&mut capture, 2).await;
     assert_eq!(docs[0]["body"].as_str().unwrap().len(), 64_000);
     assert_eq!(docs[1]["title"], json!("renamed"));
-    assert!(docs[1].get("body").is_none(), "an unchanged TOAST value must not appear, not even as null");
+    assert!(
+        docs[1].get("body").is_none(),
+        "an unchanged TOAST value must not appear, not even as null"
+    );
     assert_eq!(meta(&docs[1], "unchanged"), &json!(["body"]));
     capture.shutdown().await.unwrap();
 }
@@ -160,7 +191,9 @@ async fn unchanged_toast_values_are_marked_not_null() {
 async fn add_column_mid_stream() {
     let db = TestDb::new("schema");
     db.sql("CREATE TABLE t (id int PRIMARY KEY, a text);");
-    let mut capture = Capture::start(&db.source(&["t"]), CaptureOptions::default()).await.unwrap();
+    let mut capture = Capture::start(&db.source(&["t"]), CaptureOptions::default())
+        .await
+        .unwrap();
     backfill(&mut capture).await;
     db.sql(
         "INSERT INTO t VALUES (1, 'before');
@@ -244,14 +277,24 @@ async fn every_type_has_its_json_form_in_backfill_and_stream() {
     let db = TestDb::new("types");
     db.sql(TYPES_TABLE);
     db.sql(TYPES_ROW);
-    let mut capture = Capture::start(&db.source(&["types"]), CaptureOptions::default()).await.unwrap();
+    let mut capture = Capture::start(&db.source(&["types"]), CaptureOptions::default())
+        .await
+        .unwrap();
     let rows = backfill(&mut capture).await;
-    assert_eq!(without_meta(rows[0].clone()), expected_types_row(), "backfill (COPY) form");
+    assert_eq!(
+        without_meta(rows[0].clone()),
+        expected_types_row(),
+        "backfill (COPY) form"
+    );
     db.sql(&TYPES_ROW.replace("(\n  1,", "(\n  2,"));
     let docs = changes(&mut capture, 1).await;
     let mut expected = expected_types_row();
     expected["id"] = json!(2);
-    assert_eq!(without_meta(docs[0].clone()), expected, "streamed (pgoutput) form");
+    assert_eq!(
+        without_meta(docs[0].clone()),
+        expected,
+        "streamed (pgoutput) form"
+    );
     capture.shutdown().await.unwrap();
 }
 
@@ -260,7 +303,9 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
     let db = TestDb::new("resume");
     db.sql("CREATE TABLE t (id int PRIMARY KEY);");
     let source = db.source(&["t"]);
-    let mut capture = Capture::start(&source, CaptureOptions::default()).await.unwrap();
+    let mut capture = Capture::start(&source, CaptureOptions::default())
+        .await
+        .unwrap();
     backfill(&mut capture).await;
     // Two transactions (psql -c would run both statements in one).
     db.sql("INSERT INTO t VALUES (1)");
@@ -274,7 +319,11 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
     }
     capture.acknowledge(positions[0]);
     capture.shutdown().await.unwrap();
-    assert_eq!(db.confirmed_flush("weir"), positions[0], "the last acknowledgment reached the server");
+    assert_eq!(
+        db.confirmed_flush("weir"),
+        positions[0],
+        "the last acknowledgment reached the server"
+    );
 
     // Restart: the unacknowledged transaction comes again; the durable one does not.
     let opts = CaptureOptions {
@@ -292,15 +341,30 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
     };
     capture.acknowledge(position);
     db.cluster.create_database("elsewhere").unwrap();
-    db.cluster.psql("elsewhere", "CREATE TABLE x AS SELECT generate_series(1, 10000) i").unwrap();
-    let wal_now: weir::Lsn = db.sql("SELECT pg_current_wal_insert_lsn()").parse().unwrap();
+    db.cluster
+        .psql(
+            "elsewhere",
+            "CREATE TABLE x AS SELECT generate_series(1, 10000) i",
+        )
+        .unwrap();
+    let wal_now: weir::Lsn = db
+        .sql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
     let keepalives = async {
         // Keep the stream moving so keepalives arrive; nothing else is delivered.
-        while let Ok(Ok(Some(ev))) = tokio::time::timeout(Duration::from_secs(20), capture.next()).await {
-            assert!(!matches!(ev, CaptureEvent::Change(_)), "unexpected change {ev:?}");
+        while let Ok(Ok(Some(ev))) =
+            tokio::time::timeout(Duration::from_secs(20), capture.next()).await
+        {
+            assert!(
+                !matches!(ev, CaptureEvent::Change(_)),
+                "unexpected change {ev:?}"
+            );
         }
     };
-    let watch = wait_for("the slot to advance past unrelated WAL", 20, || db.confirmed_flush("weir") >= wal_now);
+    let watch = wait_for("the slot to advance past unrelated WAL", 20, || {
+        db.confirmed_flush("weir") >= wal_now
+    });
     tokio::select! {
         _ = keepalives => panic!("capture ended"),
         _ = watch => {}
@@ -312,7 +376,9 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
 async fn table_without_identity_keeps_inserts_and_source_updates_work() {
     let db = TestDb::new("noident");
     db.sql("CREATE TABLE log (msg text); CREATE TABLE t (id int PRIMARY KEY);");
-    let mut capture = Capture::start(&db.source(&["log", "t"]), CaptureOptions::default()).await.unwrap();
+    let mut capture = Capture::start(&db.source(&["log", "t"]), CaptureOptions::default())
+        .await
+        .unwrap();
     backfill(&mut capture).await;
     // PostgreSQL rejects updates of a table without identity in a publication that
     // publishes updates: weir's insert-only publication keeps the application working.
@@ -345,7 +411,10 @@ async fn clear_errors_for_bad_settings() {
     let mut s = good.clone();
     s.tables = vec!["public.nope".into()];
     let e = start_err(&s).await;
-    assert!(e.contains("`public.nope`") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("`public.nope`") && e.contains("does not exist"),
+        "{e}"
+    );
 
     let mut s = good.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -354,13 +423,23 @@ async fn clear_errors_for_bad_settings() {
     s.password_file = Some(wrong);
     let e = start_err(&s).await;
     assert!(e.contains("refused the login of user `postgres`"), "{e}");
-    assert!(!e.contains("wrong-password"), "the password must never be printed: {e}");
+    assert!(
+        !e.contains("wrong-password"),
+        "the password must never be printed: {e}"
+    );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut s = good.clone();
     s.url = format!("postgres://postgres@127.0.0.1:{port}/errors");
     let e = start_err(&s).await;
-    assert!(e.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}")), "{e}");
+    assert!(
+        e.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}")),
+        "{e}"
+    );
 
     let mut s = good.clone();
     s.url = db.cluster.url(&db.db).replace("postgres@", "plain@");
@@ -374,10 +453,15 @@ async fn clear_errors_for_bad_settings() {
     let mut s = good.clone();
     s.password_env = Some("WEIR_TEST_UNSET_VARIABLE".into());
     let e = start_err(&s).await;
-    assert!(e.contains("WEIR_TEST_UNSET_VARIABLE") && e.contains("not set"), "{e}");
+    assert!(
+        e.contains("WEIR_TEST_UNSET_VARIABLE") && e.contains("not set"),
+        "{e}"
+    );
 
     // A slot held by a running capture.
-    let mut first = Capture::start(&good, CaptureOptions::default()).await.unwrap();
+    let mut first = Capture::start(&good, CaptureOptions::default())
+        .await
+        .unwrap();
     backfill(&mut first).await;
     let e = start_err(&good).await;
     assert!(e.contains("slot `weir` is in use"), "{e}");
@@ -393,7 +477,10 @@ async fn clear_errors_for_bad_settings() {
         Ok(_) => panic!("started without its slot"),
         Err(e) => e.to_string(),
     };
-    assert!(e.contains("slot `weir` is missing") && e.contains("0/1000"), "{e}");
+    assert!(
+        e.contains("slot `weir` is missing") && e.contains("0/1000"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,7 +488,10 @@ async fn wal_level_replica_is_explained() {
     let db = TestDb::with_conf("walreplica", "wal_level = replica");
     db.sql("CREATE TABLE t (id int PRIMARY KEY);");
     let e = start_err(&db.source(&["t"])).await;
-    assert!(e.contains("wal_level = replica") && e.contains("wal_level = logical"), "{e}");
+    assert!(
+        e.contains("wal_level = replica") && e.contains("wal_level = logical"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,16 +499,73 @@ async fn tls_verify_full_with_a_ca_signed_certificate() {
     let db = TestDb::new("tls");
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=weir test CA"]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
-    std::fs::write(dir.path().join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=weir test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.path().join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
     let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
-    db.cluster.install_file("server.crt", &read("server.crt")).unwrap();
-    db.cluster.install_file("server.key", &read("server.key")).unwrap();
+    db.cluster
+        .install_file("server.crt", &read("server.crt"))
+        .unwrap();
+    db.cluster
+        .install_file("server.key", &read("server.key"))
+        .unwrap();
     db.sql("ALTER SYSTEM SET ssl = on");
     db.cluster.restart().unwrap();
     db.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);");
@@ -436,7 +583,21 @@ async fn tls_verify_full_with_a_ca_signed_certificate() {
     capture.shutdown().await.unwrap();
 
     // Another CA: refused, with the reason.
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.crt", "-days", "2", "-subj", "/CN=other CA"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=other CA",
+    ]);
     s.ca_file = Some(dir.path().join("other.crt"));
     let e = start_err(&s).await;
     assert!(e.to_lowercase().contains("certificate"), "{e}");

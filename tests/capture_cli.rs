@@ -15,7 +15,11 @@ fn weir() -> Command {
 
 fn write_config(db: &TestDb, dir: &Path, tables: &[&str]) -> std::path::PathBuf {
     let path = dir.join("weir.toml");
-    let tables = tables.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
+    let tables = tables
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     std::fs::write(
         &path,
         format!(
@@ -48,7 +52,8 @@ fn signal(child: &Child, sig: i32) {
 fn ids_in(out: &Path) -> HashMap<i64, usize> {
     let mut ids = HashMap::new();
     for line in std::fs::read_to_string(out).unwrap_or_default().lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
         *ids.entry(v["id"].as_i64().unwrap()).or_default() += 1;
     }
     ids
@@ -78,9 +83,14 @@ fn restarts_after_sigint_and_kill9_lose_and_repeat_nothing() {
         let stop = stop.clone();
         let url = db.cluster.url_with_password(&db.db);
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
                 tokio::spawn(conn);
                 let mut i = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -88,7 +98,9 @@ fn restarts_after_sigint_and_kill9_lose_and_repeat_nothing() {
                     // Mixed sizes: single rows and small batches.
                     let n = 1 + i % 7;
                     client
-                        .batch_execute(&format!("INSERT INTO t (v) SELECT 'w' FROM generate_series(1, {n})"))
+                        .batch_execute(&format!(
+                            "INSERT INTO t (v) SELECT 'w' FROM generate_series(1, {n})"
+                        ))
                         .await
                         .unwrap();
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -110,7 +122,11 @@ fn restarts_after_sigint_and_kill9_lose_and_repeat_nothing() {
         let mut child = child;
         let status = child.wait().unwrap();
         if round == 3 {
-            assert!(status.success(), "Ctrl-C exits cleanly: {}", std::fs::read_to_string(&log).unwrap());
+            assert!(
+                status.success(),
+                "Ctrl-C exits cleanly: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -118,7 +134,9 @@ fn restarts_after_sigint_and_kill9_lose_and_repeat_nothing() {
     let total: usize = db.sql("SELECT count(*) FROM t").parse().unwrap();
 
     let mut child = start_capture(&config, &out, &log);
-    wait_until("the capture to catch up", 60, || ids_in(&out).len() >= total);
+    wait_until("the capture to catch up", 60, || {
+        ids_in(&out).len() >= total
+    });
     signal(&child, libc::SIGINT);
     assert!(child.wait().unwrap().success());
 
@@ -166,29 +184,58 @@ fn warns_about_tables_without_identity_and_stops_at_until() {
     let msgs: Vec<String> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["msg"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["msg"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(msgs, ["old", "a"]);
 }
 
 fn ids_len(out: &Path) -> usize {
-    std::fs::read_to_string(out).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(out)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 #[test]
 fn bad_config_fails_with_the_key_and_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\ntables = [\"t\"]\npublicaton = \"x\"\n").unwrap();
-    let out = weir().args(["capture", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\ntables = [\"t\"]\npublicaton = \"x\"\n",
+    )
+    .unwrap();
+    let out = weir()
+        .args(["capture", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("publicaton") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(
+        stderr.contains("publicaton") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
 
-    std::fs::write(&path, "[source]\nurl = \"postgres://u:hunter2@127.0.0.1:1/db\"\ntables = [\"t\"]\n").unwrap();
-    let out = weir().args(["capture", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "[source]\nurl = \"postgres://u:hunter2@127.0.0.1:1/db\"\ntables = [\"t\"]\n",
+    )
+    .unwrap();
+    let out = weir()
+        .args(["capture", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot connect to PostgreSQL at 127.0.0.1:1"), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to PostgreSQL at 127.0.0.1:1"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
 }

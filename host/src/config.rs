@@ -12,7 +12,7 @@ pub const DEFAULT_PUBLICATION: &str = "weir";
 /// Default replication slot name.
 pub const DEFAULT_SLOT: &str = "weir";
 /// Default interval between standby status updates sent to PostgreSQL, in milliseconds.
-pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 200;
 /// Default connect timeout, in seconds.
 pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 10;
 
@@ -132,8 +132,18 @@ pub fn redact_url(url: &str) -> String {
         Some(at) => {
             let userinfo = &authority[..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
-            format!("{}://{}@{}{}", &url[..scheme_end], masked, &authority[at + 1..], &rest[authority_end..])
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!(
+                "{}://{}@{}{}",
+                &url[..scheme_end],
+                masked,
+                &authority[at + 1..],
+                &rest[authority_end..]
+            )
         }
         None => url.to_string(),
     };
@@ -206,14 +216,20 @@ impl Config {
             ));
         }
         for name in [&src.publication, &src.slot] {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
                 return Err(invalid(format!(
                     "`{name}` is not a valid publication or slot name: use lower-case letters, digits and underscores"
                 )));
             }
         }
         if src.status_interval_ms == 0 {
-            return Err(invalid("source.status_interval_ms must be at least 1".into()));
+            return Err(invalid(
+                "source.status_interval_ms must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -227,7 +243,10 @@ mod tests {
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../weir.example.toml");
         let config = Config::load(&path).unwrap();
-        assert_eq!(config.source.tables, ["public.users", "public.transactions"]);
+        assert_eq!(
+            config.source.tables,
+            ["public.users", "public.transactions"]
+        );
         assert_eq!(config.source.slot, "weir");
     }
 
@@ -244,9 +263,12 @@ mod tests {
 
     #[test]
     fn bad_values_are_explained() {
-        let err = Config::parse("[source]\nurl = \"postgres://a@b/c\"\ntables = []\n", Path::new("w.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            "[source]\nurl = \"postgres://a@b/c\"\ntables = []\n",
+            Path::new("w.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("source.tables is empty"), "{err}");
         let err = Config::parse(
             "[source]\nurl = \"postgres://a@b/c\"\ntables = [\"t\"]\nslot = \"My-Slot\"\n",
@@ -259,9 +281,18 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://bob:s3cret@db:5432/bank"), "postgres://bob:***@db:5432/bank");
-        assert_eq!(redact_url("postgres://bob@db/bank"), "postgres://bob@db/bank");
-        assert_eq!(redact_url("postgres://db/bank?password=s3cret&x=1"), "postgres://db/bank?password=***&x=1");
+        assert_eq!(
+            redact_url("postgres://bob:s3cret@db:5432/bank"),
+            "postgres://bob:***@db:5432/bank"
+        );
+        assert_eq!(
+            redact_url("postgres://bob@db/bank"),
+            "postgres://bob@db/bank"
+        );
+        assert_eq!(
+            redact_url("postgres://db/bank?password=s3cret&x=1"),
+            "postgres://db/bank?password=***&x=1"
+        );
         let cfg = SourceConfig::new("postgres://bob:s3cret@db/bank", vec!["t".into()]);
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }

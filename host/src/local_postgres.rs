@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// Password of the `postgres` superuser in a local cluster (it listens on loopback only).
 pub const SUPERUSER_PASSWORD: &str = "weir-local";
@@ -100,7 +100,8 @@ impl LocalPostgres {
              max_connections = 200\nfsync = off\nfull_page_writes = off\nsynchronous_commit = off\n\
              wal_sender_timeout = 60s\nshared_buffers = 128MB\n",
             pg.dir.path().display()
-        ) + extra_conf + "\n";
+        ) + extra_conf
+            + "\n";
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
         text.push_str(&conf);
@@ -141,7 +142,10 @@ impl LocalPostgres {
 
     /// Connection URL with the password in it (for clients in tests and the demo only).
     pub fn url_with_password(&self, database: &str) -> String {
-        format!("postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/{database}",
+            self.port
+        )
     }
 
     /// Writes a file into the data folder, owned by the server's user, mode 0600 (for
@@ -225,7 +229,10 @@ impl LocalPostgres {
         self.run("pg_ctl", &full).map(|_| ()).with_context(|| {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(15).collect();
-            format!("server log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            format!(
+                "server log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
         })
     }
 

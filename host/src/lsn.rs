@@ -35,9 +35,37 @@ impl FromStr for Lsn {
     }
 }
 
+impl Lsn {
+    /// Writes the text form into `buf`, returning it: no allocation, no formatter (this
+    /// runs once per change document).
+    pub fn to_text(self, buf: &mut [u8; 17]) -> &str {
+        fn hex(mut v: u32, out: &mut [u8], at: usize) -> usize {
+            let mut tmp = [0u8; 8];
+            let mut n = 0;
+            loop {
+                tmp[n] = b"0123456789ABCDEF"[(v & 0xF) as usize];
+                n += 1;
+                v >>= 4;
+                if v == 0 {
+                    break;
+                }
+            }
+            for i in 0..n {
+                out[at + i] = tmp[n - 1 - i];
+            }
+            at + n
+        }
+        let mid = hex((self.0 >> 32) as u32, buf, 0);
+        buf[mid] = b'/';
+        let end = hex(self.0 as u32, buf, mid + 1);
+        std::str::from_utf8(&buf[..end]).unwrap_or("0/0")
+    }
+}
+
 impl serde::Serialize for Lsn {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let mut buf = [0u8; 17];
+        s.serialize_str(self.to_text(&mut buf))
     }
 }
 
@@ -71,6 +99,10 @@ mod tests {
             assert_eq!(lsn.to_string(), text);
         }
         assert_eq!("0/16B3748".parse::<Lsn>().unwrap(), Lsn(0x16B3748));
+        for v in [0, 1, 0x16B3748, 0x16_B374_D848, u64::MAX] {
+            let mut buf = [0u8; 17];
+            assert_eq!(Lsn(v).to_text(&mut buf), Lsn(v).to_string());
+        }
     }
 
     #[test]

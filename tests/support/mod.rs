@@ -24,7 +24,9 @@ impl TestDb {
     pub fn with_conf(db: &str, conf: &str) -> TestDb {
         weir::source::install_crypto_provider();
         let cluster = LocalPostgres::start_with(conf).expect("start a private PostgreSQL");
-        cluster.create_database(db).expect("create the test database");
+        cluster
+            .create_database(db)
+            .expect("create the test database");
         TestDb {
             cluster,
             db: db.to_string(),
@@ -52,9 +54,12 @@ impl TestDb {
 
     /// A SQL client.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.cluster.url_with_password(&self.db), tokio_postgres::NoTls)
-            .await
-            .expect("connect");
+        let (client, conn) = tokio_postgres::connect(
+            &self.cluster.url_with_password(&self.db),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
         tokio::spawn(conn);
         client
     }

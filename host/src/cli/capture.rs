@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 
+use weir::Lsn;
 use weir::config::{Config, SourceConfig};
 use weir::local_postgres::LocalPostgres;
 use weir::sink::JsonLinesSink;
 use weir::source::{Capture, CaptureEvent, CaptureOptions};
-use weir::Lsn;
 
 /// Longest time a complete transaction waits in the output buffer before it is made
 /// durable and acknowledged, when more events keep coming.
@@ -62,7 +62,11 @@ pub async fn run(args: CaptureArgs) -> Result<ExitCode> {
 }
 
 /// Captures until Ctrl-C / SIGTERM or `until`, then flushes, acknowledges and stops.
-pub async fn capture_to(source: &SourceConfig, out: Option<&Path>, until: Option<Lsn>) -> Result<()> {
+pub async fn capture_to(
+    source: &SourceConfig,
+    out: Option<&Path>,
+    until: Option<Lsn>,
+) -> Result<()> {
     let (mut sink, resume) = JsonLinesSink::open(out, &source.slot)?;
     let opts = CaptureOptions {
         resume,
@@ -92,15 +96,20 @@ pub async fn capture_to(source: &SourceConfig, out: Option<&Path>, until: Option
             }
         };
         match ev {
-            CaptureEvent::BackfillTable { table, estimated_rows } => {
+            CaptureEvent::BackfillTable {
+                table,
+                estimated_rows,
+            } => {
                 if let Some(bar) = progress.take() {
                     bar.finish();
                 }
                 let bar = ProgressBar::new(estimated_rows.max(1));
                 bar.set_style(
-                    ProgressStyle::with_template("{msg:>28} [{bar:30}] {human_pos}/{human_len} rows {per_sec}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{msg:>28} [{bar:30}] {human_pos}/{human_len} rows {per_sec}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
                 );
                 bar.set_message(format!("backfill {table}"));
                 progress = Some(bar);
@@ -156,11 +165,17 @@ pub async fn demo(out: PathBuf) -> Result<ExitCode> {
     weir::source::install_crypto_provider();
     let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
     pg.create_database("bank")?;
-    pg.psql("bank", DEMO_SCHEMA).context("creating the demo tables")?;
-    eprintln!("private PostgreSQL on port {} (database bank); changes go to {}", pg.port(), out.display());
+    pg.psql("bank", DEMO_SCHEMA)
+        .context("creating the demo tables")?;
+    eprintln!(
+        "private PostgreSQL on port {} (database bank); changes go to {}",
+        pg.port(),
+        out.display()
+    );
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(weir::sink::jsonl::checkpoint_path(&out));
-    let (client, conn) = tokio_postgres::connect(&pg.url_with_password("bank"), tokio_postgres::NoTls).await?;
+    let (client, conn) =
+        tokio_postgres::connect(&pg.url_with_password("bank"), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let writer = tokio::spawn(async move {
         let mut i: i64 = 0;
@@ -177,7 +192,10 @@ pub async fn demo(out: PathBuf) -> Result<ExitCode> {
             }
         }
     });
-    let mut source = SourceConfig::new(pg.url("bank"), vec!["public.users".into(), "public.transactions".into()]);
+    let mut source = SourceConfig::new(
+        pg.url("bank"),
+        vec!["public.users".into(), "public.transactions".into()],
+    );
     source.password_file = Some(pg.password_file());
     let result = capture_to(&source, Some(&out), None).await;
     writer.abort();

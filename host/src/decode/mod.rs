@@ -4,5 +4,5 @@
 pub mod pgoutput;
 pub mod value;
 
-pub use pgoutput::{decode, Column, DecodeError, Message, RelationColumn, TupleValue};
+pub use pgoutput::{Column, DecodeError, Message, RelationColumn, TupleValue, decode};
 pub use value::{TypeKind, TypeRegistry};

@@ -493,7 +493,10 @@ pub(crate) mod tests {
         else {
             panic!("not a relation")
         };
-        assert_eq!((id, namespace, name, replica_identity), (16384, "public", "users", b'd'));
+        assert_eq!(
+            (id, namespace, name, replica_identity),
+            (16384, "public", "users", b'd')
+        );
         assert_eq!(columns.len(), 2);
         assert!(columns[0].key && !columns[1].key);
         assert_eq!(columns[1].name, "email");
@@ -576,7 +579,10 @@ pub(crate) mod tests {
     fn every_truncation_of_a_valid_message_is_an_error() {
         for msg in [relation(), update_with_old_key()] {
             for len in 0..msg.len() {
-                assert!(decode(&msg[..len]).is_err(), "prefix of {len} bytes decoded");
+                assert!(
+                    decode(&msg[..len]).is_err(),
+                    "prefix of {len} bytes decoded"
+                );
             }
             assert!(decode(&msg).is_ok());
         }
@@ -604,7 +610,13 @@ pub(crate) mod tests {
         // Huge counts with no data behind them must not allocate or panic.
         let huge = Builder::tag(b'T').u32(u32::MAX).u8(0).0;
         assert!(decode(&huge).is_err());
-        let huge_len = Builder::tag(b'I').u32(1).u8(b'N').u16(1).u8(b't').u32(u32::MAX).0;
+        let huge_len = Builder::tag(b'I')
+            .u32(1)
+            .u8(b'N')
+            .u16(1)
+            .u8(b't')
+            .u32(u32::MAX)
+            .0;
         assert!(decode(&huge_len).is_err());
     }
 

@@ -77,8 +77,8 @@ fn builtin(oid: u32) -> Option<TypeKind> {
         1114 => Some(Timestamp),
         1082 => Some(Date),
         1083 => Some(Time),
-        18 | 19 | 25 | 1042 | 1043 | 2950 | 1186 | 1266 | 869 | 650 | 790 | 829 | 1560
-        | 1562 | 3614 | 3615 => Some(Text),
+        18 | 19 | 25 | 1042 | 1043 | 2950 | 1186 | 1266 | 869 | 650 | 790 | 829 | 1560 | 1562
+        | 3614 | 3615 => Some(Text),
         _ => None,
     };
     let array_of = |elem: u32| scalar(elem).map(|k| Array(Box::new(k)));
@@ -236,14 +236,11 @@ fn decode_hex_bytea(text: &str) -> Option<Vec<u8>> {
 
 /// `2024-05-01 12:00:00.25+00` becomes `2024-05-01T12:00:00.250000Z`.
 fn timestamp(text: &str, with_zone: bool) -> String {
-    if text == "infinity" || text == "-infinity" || text.ends_with(" BC") {
-        return text.to_string();
-    }
     let Some((date, time)) = text.split_once(' ') else {
         return text.to_string();
     };
     let time = if with_zone {
-        // TimeZone=UTC: the offset is always +00.
+        // TimeZone=UTC: the offset is always +00 (BC dates end in " BC" and stay as text).
         match time.strip_suffix("+00") {
             Some(t) => t,
             None => return text.to_string(),
@@ -251,10 +248,12 @@ fn timestamp(text: &str, with_zone: bool) -> String {
     } else {
         time
     };
-    let mut out = String::with_capacity(text.len() + 8);
+    let mut out = String::with_capacity(date.len() + 17);
     out.push_str(date);
     out.push('T');
-    out.push_str(&pad_fraction(time));
+    if !push_padded_time(&mut out, time) {
+        return text.to_string();
+    }
     if with_zone {
         out.push('Z');
     }
@@ -263,11 +262,27 @@ fn timestamp(text: &str, with_zone: bool) -> String {
 
 /// `12:00:00.25` becomes `12:00:00.250000`; `12:00:00` becomes `12:00:00.000000`.
 fn pad_fraction(time: &str) -> String {
+    let mut out = String::with_capacity(15);
+    if push_padded_time(&mut out, time) {
+        out
+    } else {
+        time.to_string()
+    }
+}
+
+/// Appends `HH:MM:SS.ffffff`; false when `time` is not of the form `HH:MM:SS[.f{1,6}]`.
+fn push_padded_time(out: &mut String, time: &str) -> bool {
     let (whole, frac) = time.split_once('.').unwrap_or((time, ""));
     if whole.len() != 8 || frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return time.to_string();
+        return false;
     }
-    format!("{whole}.{frac:0<6}")
+    out.push_str(whole);
+    out.push('.');
+    out.push_str(frac);
+    for _ in frac.len()..6 {
+        out.push('0');
+    }
+    true
 }
 
 /// Parses PostgreSQL's array literal (`{1,2,NULL}`, `{{a,b},{c,d}}`, `[0:1]={x,y}`).
@@ -407,21 +422,36 @@ mod tests {
     fn scalars() {
         assert_eq!(conv(23, "42"), json!(42));
         assert_eq!(conv(20, "-9223372036854775808"), json!(i64::MIN));
-        assert_eq!(conv(1700, "12345678901234567890.12"), json!("12345678901234567890.12"));
+        assert_eq!(
+            conv(1700, "12345678901234567890.12"),
+            json!("12345678901234567890.12")
+        );
         assert_eq!(conv(701, "0.1"), json!(0.1));
         assert_eq!(conv(701, "NaN"), json!("NaN"));
         assert_eq!(conv(700, "-Infinity"), json!("-Infinity"));
         assert_eq!(conv(16, "t"), json!(true));
         assert_eq!(conv(3802, r#"{"a": [1, 2]}"#), json!({"a": [1, 2]}));
         assert_eq!(conv(17, "\\x00ff10"), json!("AP8Q"));
-        assert_eq!(conv(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+        assert_eq!(
+            conv(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
     }
 
     #[test]
     fn times() {
-        assert_eq!(conv(1184, "2024-05-01 12:00:00.25+00"), json!("2024-05-01T12:00:00.250000Z"));
-        assert_eq!(conv(1184, "2024-05-01 12:00:00+00"), json!("2024-05-01T12:00:00.000000Z"));
-        assert_eq!(conv(1114, "2024-05-01 12:00:00.123456"), json!("2024-05-01T12:00:00.123456"));
+        assert_eq!(
+            conv(1184, "2024-05-01 12:00:00.25+00"),
+            json!("2024-05-01T12:00:00.250000Z")
+        );
+        assert_eq!(
+            conv(1184, "2024-05-01 12:00:00+00"),
+            json!("2024-05-01T12:00:00.000000Z")
+        );
+        assert_eq!(
+            conv(1114, "2024-05-01 12:00:00.123456"),
+            json!("2024-05-01T12:00:00.123456")
+        );
         assert_eq!(conv(1184, "infinity"), json!("infinity"));
         assert_eq!(conv(1082, "2024-05-01"), json!("2024-05-01"));
         assert_eq!(conv(1083, "23:59:59.5"), json!("23:59:59.500000"));
@@ -431,7 +461,10 @@ mod tests {
     fn arrays() {
         assert_eq!(conv(1007, "{1,2,NULL}"), json!([1, 2, null]));
         assert_eq!(conv(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
-        assert_eq!(conv(1009, r#"{a,"b c","q\"uote",NULL,"NULL"}"#), json!(["a", "b c", "q\"uote", null, "NULL"]));
+        assert_eq!(
+            conv(1009, r#"{a,"b c","q\"uote",NULL,"NULL"}"#),
+            json!(["a", "b c", "q\"uote", null, "NULL"])
+        );
         assert_eq!(conv(1009, "{}"), json!([]));
         assert_eq!(conv(1007, "[0:1]={7,8}"), json!([7, 8]));
         assert_eq!(conv(1231, "{1.50,2}"), json!(["1.50", "2"]));
@@ -443,9 +476,24 @@ mod tests {
     fn custom_types_resolve_through_the_catalog() {
         let mut reg = TypeRegistry::default();
         reg.describe(&[
-            TypeDescription { oid: 90001, typtype: b'e', element: 0, base: 0 },
-            TypeDescription { oid: 90002, typtype: b'b', element: 90001, base: 0 },
-            TypeDescription { oid: 90003, typtype: b'd', element: 0, base: 1700 },
+            TypeDescription {
+                oid: 90001,
+                typtype: b'e',
+                element: 0,
+                base: 0,
+            },
+            TypeDescription {
+                oid: 90002,
+                typtype: b'b',
+                element: 90001,
+                base: 0,
+            },
+            TypeDescription {
+                oid: 90003,
+                typtype: b'd',
+                element: 0,
+                base: 1700,
+            },
         ]);
         assert_eq!(reg.kind(90001), TypeKind::Text);
         assert_eq!(reg.kind(90002), TypeKind::Array(Box::new(TypeKind::Text)));

@@ -3,26 +3,30 @@
 
 use futures_util::StreamExt;
 use pgwire_replication::ReplicationClient;
-use tokio::sync::mpsc;
 
 use super::changes::backfill_row;
 use super::error::SourceError;
 use super::relation::{ColumnInfo, TableInfo};
-use super::CaptureEvent;
-use crate::decode::value::unescape_copy_field;
+use super::{CaptureEvent, Outbox};
 use crate::decode::TypeRegistry;
+use crate::decode::value::unescape_copy_field;
 use crate::document::{ChangeDocument, Op, Source};
 use crate::lsn::Lsn;
 
 /// Creates the slot on the (gated) replication session; returns its consistent point and
 /// the exported snapshot's name.
-pub async fn create_slot(repl: &mut ReplicationClient, slot: &str) -> Result<(Lsn, String), SourceError> {
+pub async fn create_slot(
+    repl: &mut ReplicationClient,
+    slot: &str,
+) -> Result<(Lsn, String), SourceError> {
     let err = |source| SourceError::Replication {
         slot: slot.to_string(),
         source,
     };
     let rows = repl
-        .simple_query(&format!("CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput EXPORT_SNAPSHOT"))
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+        ))
         .await
         .map_err(err)?;
     let text = |i: usize| -> Option<String> {
@@ -50,7 +54,7 @@ pub async fn copy_tables(
     consistent_point: Lsn,
     tables: &[TableInfo],
     types: &TypeRegistry,
-    events: &mpsc::Sender<Result<CaptureEvent, SourceError>>,
+    events: &mut Outbox,
 ) -> Result<(), SourceError> {
     let q = |context: String| move |source| SourceError::Query { context, source };
     client
@@ -59,7 +63,9 @@ pub async fn copy_tables(
             snapshot.replace('\'', "''")
         ))
         .await
-        .map_err(q("starting the backfill transaction on the slot's snapshot".into()))?;
+        .map_err(q(
+            "starting the backfill transaction on the slot's snapshot".into(),
+        ))?;
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -67,16 +73,18 @@ pub async fn copy_tables(
     for table in tables {
         let columns = table_columns(client, table, types).await?;
         let estimate = client
-            .query_one("SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1", &[&table.oid])
+            .query_one(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+                &[&table.oid],
+            )
             .await
             .map_err(q(format!("estimating the size of {}", table.qualified())))?;
         events
-            .send(Ok(CaptureEvent::BackfillTable {
+            .push(CaptureEvent::BackfillTable {
                 table: format!("{}.{}", table.schema, table.name),
                 estimated_rows: estimate.get::<_, i64>(0) as u64,
-            }))
-            .await
-            .map_err(|_| SourceError::ConsumerGone)?;
+            })
+            .await?;
         if columns.is_empty() {
             continue;
         }
@@ -91,7 +99,10 @@ pub async fn copy_tables(
                 SourceError::Privilege {
                     role: "the configured role".into(),
                     action: format!("read table {}", table.qualified()),
-                    fix: format!("GRANT SELECT ON {} TO the role weir connects as", table.qualified()),
+                    fix: format!(
+                        "GRANT SELECT ON {} TO the role weir connects as",
+                        table.qualified()
+                    ),
                 }
             } else {
                 SourceError::Query {
@@ -113,7 +124,8 @@ pub async fn copy_tables(
                 let fields: Vec<Option<String>> = line
                     .split(|&b| b == b'\t')
                     .map(|f| {
-                        (f != b"\\N").then(|| String::from_utf8_lossy(&unescape_copy_field(f)).into_owned())
+                        (f != b"\\N")
+                            .then(|| String::from_utf8_lossy(&unescape_copy_field(f)).into_owned())
                     })
                     .collect();
                 let doc = ChangeDocument {
@@ -132,10 +144,7 @@ pub async fn copy_tables(
                     unchanged: Vec::new(),
                 };
                 seq += 1;
-                events
-                    .send(Ok(CaptureEvent::Change(doc)))
-                    .await
-                    .map_err(|_| SourceError::ConsumerGone)?;
+                events.push(CaptureEvent::Change(doc)).await?;
             }
             pending.drain(..start);
         }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::relation::{ColumnInfo, Relation};
+use crate::decode::TypeRegistry;
 use crate::decode::pgoutput::{Message, OldKind, TupleValue};
 use crate::decode::value::to_json;
-use crate::decode::TypeRegistry;
 use crate::document::{ChangeDocument, Op, Row, Source};
 use crate::lsn::Lsn;
 
@@ -90,7 +90,14 @@ impl ChangeBuilder {
             Message::Insert { relation, new } => {
                 let rel = self.relation(relation)?;
                 let (columns, unchanged) = row(&rel, &new, false)?;
-                Ok(Decoded::Documents(vec![doc(&rel, txn, Op::Insert, columns, None, unchanged)]))
+                Ok(Decoded::Documents(vec![doc(
+                    &rel,
+                    txn,
+                    Op::Insert,
+                    columns,
+                    None,
+                    unchanged,
+                )]))
             }
             Message::Update { relation, old, new } => {
                 let rel = self.relation(relation)?;
@@ -99,7 +106,14 @@ impl ChangeBuilder {
                     Some((kind, old)) => Some(row(&rel, &old, kind == OldKind::Key)?.0),
                     None => None,
                 };
-                Ok(Decoded::Documents(vec![doc(&rel, txn, Op::Update, columns, before, unchanged)]))
+                Ok(Decoded::Documents(vec![doc(
+                    &rel,
+                    txn,
+                    Op::Update,
+                    columns,
+                    before,
+                    unchanged,
+                )]))
             }
             Message::Delete {
                 relation,
@@ -107,7 +121,14 @@ impl ChangeBuilder {
             } => {
                 let rel = self.relation(relation)?;
                 let (columns, unchanged) = row(&rel, &old, kind == OldKind::Key)?;
-                Ok(Decoded::Documents(vec![doc(&rel, txn, Op::Delete, columns, None, unchanged)]))
+                Ok(Decoded::Documents(vec![doc(
+                    &rel,
+                    txn,
+                    Op::Delete,
+                    columns,
+                    None,
+                    unchanged,
+                )]))
             }
             Message::Truncate { relations, .. } => {
                 let mut docs = Vec::with_capacity(relations.len());
@@ -161,7 +182,11 @@ fn doc(
 }
 
 /// Converts a tuple; with `key_only`, only replica identity columns are kept.
-fn row(rel: &Relation, values: &[TupleValue<'_>], key_only: bool) -> Result<(Row, Vec<Arc<str>>), String> {
+fn row(
+    rel: &Relation,
+    values: &[TupleValue<'_>],
+    key_only: bool,
+) -> Result<(Row, Vec<Arc<str>>), String> {
     if values.len() != rel.columns.len() {
         return Err(format!(
             "row of {}.{} has {} values but the table has {} columns",
@@ -212,8 +237,8 @@ pub fn backfill_row(columns: &[ColumnInfo], fields: &[Option<String>]) -> Row {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::pgoutput::tests::Builder;
     use crate::decode::pgoutput::decode;
+    use crate::decode::pgoutput::tests::Builder;
     use serde_json::json;
 
     #[test]
@@ -226,17 +251,41 @@ mod tests {
             seq: 0,
         };
         let rel = Builder::tag(b'R')
-            .u32(7).cstr("public").cstr("users").u8(b'd').u16(2)
-            .u8(1).cstr("id").u32(23).u32(u32::MAX)
-            .u8(0).cstr("bio").u32(25).u32(u32::MAX).0;
+            .u32(7)
+            .cstr("public")
+            .cstr("users")
+            .u8(b'd')
+            .u16(2)
+            .u8(1)
+            .cstr("id")
+            .u32(23)
+            .u32(u32::MAX)
+            .u8(0)
+            .cstr("bio")
+            .u32(25)
+            .u32(u32::MAX)
+            .0;
         b.apply(decode(&rel).unwrap(), &mut txn).unwrap();
-        let upd = Builder::tag(b'U').u32(7).u8(b'K').u16(2).text("1").u8(b'n').u8(b'N').u16(2).text("2").u8(b'u').0;
+        let upd = Builder::tag(b'U')
+            .u32(7)
+            .u8(b'K')
+            .u16(2)
+            .text("1")
+            .u8(b'n')
+            .u8(b'N')
+            .u16(2)
+            .text("2")
+            .u8(b'u')
+            .0;
         let Decoded::Documents(docs) = b.apply(decode(&upd).unwrap(), &mut txn).unwrap() else {
             panic!()
         };
         let v: serde_json::Value = serde_json::from_str(&docs[0].to_json()).unwrap();
         assert_eq!(v["id"], json!(2));
-        assert!(v.get("bio").is_none(), "unchanged TOAST must not appear as a value");
+        assert!(
+            v.get("bio").is_none(),
+            "unchanged TOAST must not appear as a value"
+        );
         assert_eq!(v["_meta"]["unchanged"], json!(["bio"]));
         assert_eq!(v["_meta"]["before"], json!({"id": 1}));
         assert_eq!(v["_meta"]["op"], json!("u"));

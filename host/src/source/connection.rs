@@ -60,13 +60,16 @@ impl ConnectionSettings {
             [] => "localhost".to_string(),
             [Host::Tcp(h)] => h.clone(),
             [Host::Unix(p)] => p.display().to_string(),
-            _ => return Err(SourceError::Settings("source.url names several hosts; give one".into())),
+            _ => {
+                return Err(SourceError::Settings(
+                    "source.url names several hosts; give one".into(),
+                ));
+            }
         };
         let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let user = parsed
-            .get_user()
-            .map(str::to_string)
-            .ok_or_else(|| SourceError::Settings("source.url has no user: write postgres://user@host/db".into()))?;
+        let user = parsed.get_user().map(str::to_string).ok_or_else(|| {
+            SourceError::Settings("source.url has no user: write postgres://user@host/db".into())
+        })?;
         let database = parsed.get_dbname().unwrap_or(&user).to_string();
         let password = resolve_password(cfg, parsed.get_password())?;
         Ok(ConnectionSettings {
@@ -154,7 +157,10 @@ impl ConnectionSettings {
             };
         }
         let reason = super::error::db_message(&e);
-        if reason.contains("password") || reason.contains("SASL") || reason.contains("authentication") {
+        if reason.contains("password")
+            || reason.contains("SASL")
+            || reason.contains("authentication")
+        {
             return SourceError::Authentication {
                 user: self.user.clone(),
                 target: self.target(),
@@ -209,11 +215,17 @@ impl ConnectionSettings {
                         let certs = CertificateDer::pem_file_iter(path)
                             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                             .map_err(|e| {
-                                SourceError::Settings(format!("cannot read source.ca_file {}: {e}", path.display()))
+                                SourceError::Settings(format!(
+                                    "cannot read source.ca_file {}: {e}",
+                                    path.display()
+                                ))
                             })?;
                         for cert in certs {
                             roots.add(cert).map_err(|e| {
-                                SourceError::Settings(format!("source.ca_file {}: {e}", path.display()))
+                                SourceError::Settings(format!(
+                                    "source.ca_file {}: {e}",
+                                    path.display()
+                                ))
                             })?;
                         }
                     }
@@ -261,7 +273,9 @@ pub fn install_crypto_provider() {
 fn resolve_password(cfg: &SourceConfig, in_url: Option<&[u8]>) -> Result<String, SourceError> {
     if let Some(var) = &cfg.password_env {
         return std::env::var(var).map_err(|_| {
-            SourceError::Password(format!("source.password_env names `{var}`, which is not set"))
+            SourceError::Password(format!(
+                "source.password_env names `{var}`, which is not set"
+            ))
         });
     }
     if let Some(path) = &cfg.password_file {
@@ -328,11 +342,14 @@ impl ServerCertVerifier for IgnoreHostname {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. })) => {
-                Ok(ServerCertVerified::assertion())
-            }
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }

@@ -141,7 +141,9 @@ impl SourceError {
         match self {
             SourceError::Unreachable { .. } | SourceError::SlotInUse { .. } => true,
             SourceError::Replication { source, .. } => source.is_transient() || source.is_io(),
-            SourceError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            SourceError::Query { source, .. } => {
+                source.is_closed() || source.as_db_error().is_none()
+            }
             _ => false,
         }
     }

@@ -23,14 +23,14 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use connection::{install_crypto_provider, ConnectionSettings};
+pub use connection::{ConnectionSettings, install_crypto_provider};
 pub use error::SourceError;
 
-use changes::{pg_time_to_unix_ms, ChangeBuilder, Decoded, Transaction};
 use crate::config::SourceConfig;
 use crate::decode;
 use crate::document::ChangeDocument;
 use crate::lsn::Lsn;
+use changes::{ChangeBuilder, Decoded, Transaction, pg_time_to_unix_ms};
 
 /// Where the consumer stands when the capture starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub struct CaptureOptions {
     /// Stop once the stream reaches this position: every transaction that committed
     /// before it is delivered, none after it.
     pub stop_at: Option<Lsn>,
-    /// Events buffered between the capture and its consumer.
+    /// Events buffered between the capture and its consumer (in batches of up to 256).
     pub buffer: usize,
 }
 
@@ -92,7 +92,9 @@ pub enum CaptureEvent {
 /// A running capture: receive events with [`Capture::next`], acknowledge durable
 /// positions with [`Capture::acknowledge`], end with [`Capture::shutdown`].
 pub struct Capture {
-    events: mpsc::Receiver<Result<CaptureEvent, SourceError>>,
+    events: mpsc::Receiver<Result<Vec<CaptureEvent>, SourceError>>,
+    /// Events of the last batch not yet handed out.
+    ready: std::collections::VecDeque<CaptureEvent>,
     ack: watch::Sender<Lsn>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), SourceError>>,
@@ -110,7 +112,8 @@ impl Capture {
         setup::check_server(&client, &settings.user).await?;
         let tables = setup::find_tables(&client, cfg, &settings.database).await?;
         let types = setup::load_types(&client, &tables).await?;
-        let publications = setup::ensure_publications(&client, cfg, &tables, &settings.user).await?;
+        let publications =
+            setup::ensure_publications(&client, cfg, &tables, &settings.user).await?;
 
         let slot = setup::slot_state(&client, &cfg.slot).await?;
         if let Some(s) = &slot {
@@ -146,7 +149,7 @@ impl Capture {
         repl_cfg.status_interval = Duration::from_millis(cfg.status_interval_ms);
         repl_cfg.idle_wakeup_interval = Duration::from_millis(cfg.status_interval_ms);
 
-        let (tx, rx) = mpsc::channel(opts.buffer.max(1));
+        let (tx, rx) = mpsc::channel(opts.buffer.div_ceil(BATCH).max(2));
         let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (reported_tx, reported_rx) = watch::channel(Lsn::ZERO);
@@ -165,7 +168,9 @@ impl Capture {
             }
             (Some(_), Resume::After(position)) => {
                 repl_cfg.start_lsn = position.into();
-                let repl = ReplicationClient::connect(repl_cfg).await.map_err(repl_err(&slot_name))?;
+                let repl = ReplicationClient::connect(repl_cfg)
+                    .await
+                    .map_err(repl_err(&slot_name))?;
                 (repl, position, None)
             }
             (existing, Resume::Fresh) => {
@@ -176,14 +181,19 @@ impl Capture {
                     );
                     setup::drop_slot(&client, &cfg.slot).await?;
                 }
-                let mut repl = ReplicationClient::connect_gated(repl_cfg).await.map_err(repl_err(&slot_name))?;
-                let (consistent_point, snapshot) =
-                    backfill::create_slot(&mut repl, &cfg.slot).await.map_err(|e| match e {
-                        SourceError::Replication { source, .. } if source.is_auth() => SourceError::Authentication {
-                            user: settings.user.clone(),
-                            target: settings.target(),
-                            reason: source.to_string(),
-                        },
+                let mut repl = ReplicationClient::connect_gated(repl_cfg)
+                    .await
+                    .map_err(repl_err(&slot_name))?;
+                let (consistent_point, snapshot) = backfill::create_slot(&mut repl, &cfg.slot)
+                    .await
+                    .map_err(|e| match e {
+                        SourceError::Replication { source, .. } if source.is_auth() => {
+                            SourceError::Authentication {
+                                user: settings.user.clone(),
+                                target: settings.target(),
+                                reason: source.to_string(),
+                            }
+                        }
                         other => other,
                     })?;
                 tracing::info!(slot = %cfg.slot, %consistent_point, "created replication slot");
@@ -193,7 +203,7 @@ impl Capture {
 
         let worker = Worker {
             slot: slot_name,
-            events: tx,
+            events: Outbox::new(tx),
             ack: ack_rx,
             stop: stop_rx,
             reported: reported_tx,
@@ -205,6 +215,7 @@ impl Capture {
         let task = tokio::spawn(worker.run(repl, client, tables, backfill));
         Ok(Capture {
             events: rx,
+            ready: Default::default(),
             ack: ack_tx,
             stop: stop_tx,
             task,
@@ -215,8 +226,14 @@ impl Capture {
     /// The next event; `Ok(None)` when the capture ended (stop position reached or
     /// shutdown requested).
     pub async fn next(&mut self) -> Result<Option<CaptureEvent>, SourceError> {
+        if let Some(ev) = self.ready.pop_front() {
+            return Ok(Some(ev));
+        }
         match self.events.recv().await {
-            Some(Ok(ev)) => Ok(Some(ev)),
+            Some(Ok(batch)) => {
+                self.ready.extend(batch);
+                Ok(self.ready.pop_front())
+            }
             Some(Err(e)) => Err(e),
             None => Ok(None),
         }
@@ -224,7 +241,7 @@ impl Capture {
 
     /// Whether an event is waiting (a consumer can flush while there is none).
     pub fn has_pending(&self) -> bool {
-        !self.events.is_empty()
+        !self.ready.is_empty() || !self.events.is_empty()
     }
 
     /// Declares every change before `position` durable: PostgreSQL may discard its WAL.
@@ -245,9 +262,7 @@ impl Capture {
         // Drain so that the worker is never stuck on a full channel.
         let drain = async {
             while let Some(ev) = self.events.recv().await {
-                if let Err(e) = ev {
-                    return Err(e);
-                }
+                ev?;
             }
             Ok(())
         };
@@ -263,9 +278,60 @@ impl Capture {
     }
 }
 
+/// Events on their way to the consumer, sent in batches: one channel operation per batch
+/// instead of per row. A batch leaves when full and at every transaction boundary, so
+/// batching adds no latency.
+pub(crate) struct Outbox {
+    tx: mpsc::Sender<Result<Vec<CaptureEvent>, SourceError>>,
+    batch: Vec<CaptureEvent>,
+}
+
+/// Events per batch.
+const BATCH: usize = 256;
+
+impl Outbox {
+    fn new(tx: mpsc::Sender<Result<Vec<CaptureEvent>, SourceError>>) -> Self {
+        Outbox {
+            tx,
+            batch: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Queues an event; sends the batch when it is full.
+    pub(crate) async fn push(&mut self, ev: CaptureEvent) -> Result<(), SourceError> {
+        self.batch.push(ev);
+        if self.batch.len() >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is queued.
+    pub(crate) async fn flush(&mut self) -> Result<(), SourceError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        self.tx
+            .send(Ok(batch))
+            .await
+            .map_err(|_| SourceError::ConsumerGone)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Sends what is queued, then the error that ended the capture.
+    async fn fail(&mut self, e: SourceError) {
+        let _ = self.flush().await;
+        let _ = self.tx.send(Err(e)).await;
+    }
+}
+
 struct Worker {
     slot: String,
-    events: mpsc::Sender<Result<CaptureEvent, SourceError>>,
+    events: Outbox,
     ack: watch::Receiver<Lsn>,
     stop: watch::Receiver<bool>,
     reported: watch::Sender<Lsn>,
@@ -292,7 +358,7 @@ impl Worker {
             // The consumer sees the error as its next event; when it is gone, whoever
             // awaits the task gets it.
             Err(e) if !self.events.is_closed() => {
-                let _ = self.events.send(Err(e)).await;
+                self.events.fail(e).await;
                 Ok(())
             }
             other => other,
@@ -308,15 +374,29 @@ impl Worker {
     ) -> Result<(), SourceError> {
         if let Some((snapshot, consistent_point)) = backfill {
             let registry = setup::load_types(&client, &tables).await?;
-            backfill::copy_tables(&client, &snapshot, consistent_point, &tables, &registry, &self.events).await?;
-            self.send(CaptureEvent::BackfillDone {
-                position: consistent_point,
-            })
+            backfill::copy_tables(
+                &client,
+                &snapshot,
+                consistent_point,
+                &tables,
+                &registry,
+                &mut self.events,
+            )
             .await?;
-            repl.start().await.map_err(|source| self.repl_error(source))?;
+            self.events
+                .push(CaptureEvent::BackfillDone {
+                    position: consistent_point,
+                })
+                .await?;
+            self.events.flush().await?;
+            repl.start()
+                .await
+                .map_err(|source| self.repl_error(source))?;
         }
         drop(client);
-        repl.wait_started().await.map_err(|source| self.repl_error(source))?;
+        repl.wait_started()
+            .await
+            .map_err(|source| self.repl_error(source))?;
         self.stream(repl).await
     }
 
@@ -325,10 +405,6 @@ impl Worker {
             slot: self.slot.clone(),
             source,
         }
-    }
-
-    async fn send(&self, ev: CaptureEvent) -> Result<(), SourceError> {
-        self.events.send(Ok(ev)).await.map_err(|_| SourceError::ConsumerGone)
     }
 
     fn forward_ack(&self, repl: &ReplicationClient) {
@@ -374,7 +450,9 @@ impl Worker {
                         skip,
                     ));
                 }
-                ReplicationEvent::XLogData { data, wal_start, .. } => {
+                ReplicationEvent::XLogData {
+                    data, wal_start, ..
+                } => {
                     let msg = decode::decode(&data).map_err(|source| SourceError::Decode {
                         lsn: wal_start.into(),
                         source,
@@ -387,13 +465,16 @@ impl Worker {
                             message: "change outside a transaction".into(),
                         });
                     };
-                    let decoded = self.builder.apply(msg, t).map_err(|message| SourceError::Protocol {
-                        lsn: wal_start.into(),
-                        message,
-                    })?;
+                    let decoded =
+                        self.builder
+                            .apply(msg, t)
+                            .map_err(|message| SourceError::Protocol {
+                                lsn: wal_start.into(),
+                                message,
+                            })?;
                     if let (Decoded::Documents(docs), false) = (decoded, *skip) {
                         for doc in docs {
-                            self.send(CaptureEvent::Change(doc)).await?;
+                            self.events.push(CaptureEvent::Change(doc)).await?;
                         }
                     }
                 }
@@ -406,17 +487,25 @@ impl Worker {
                             repl.update_applied_lsn(end_lsn);
                         }
                         _ => {
-                            self.send(CaptureEvent::Commit {
-                                lsn: lsn.into(),
-                                position,
-                            })
-                            .await?
+                            self.events
+                                .push(CaptureEvent::Commit {
+                                    lsn: lsn.into(),
+                                    position,
+                                })
+                                .await?;
+                            self.events.flush().await?;
                         }
                     }
                     self.delivered = self.delivered.max(position);
+                    // Commits arrive in order and do not overlap: once one ends at or past
+                    // the stop position, every transaction before it has been delivered.
+                    if self.stop_at.is_some_and(|stop| position >= stop) {
+                        return Ok(());
+                    }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if txn.is_none() && self.stop_at.is_some_and(|stop| Lsn::from(wal_end) >= stop) {
+                    if txn.is_none() && self.stop_at.is_some_and(|stop| Lsn::from(wal_end) >= stop)
+                    {
                         return Ok(());
                     }
                     // Idle: when everything delivered is acknowledged, the server's position

@@ -8,8 +8,8 @@ use tokio_postgres::Client;
 use super::error::SourceError;
 use super::relation::TableInfo;
 use crate::config::SourceConfig;
-use crate::decode::value::TypeDescription;
 use crate::decode::TypeRegistry;
+use crate::decode::value::TypeDescription;
 
 /// Suffix of the publication for tables without a replica identity: it publishes only
 /// inserts and truncates, so that PostgreSQL keeps accepting updates and deletes on them.
@@ -67,7 +67,10 @@ pub async fn find_tables(
             .await;
         let row = match row {
             Ok(row) => row,
-            Err(e) if e.as_db_error().is_none() && e.to_string().contains("unexpected number of rows") => {
+            Err(e)
+                if e.as_db_error().is_none()
+                    && e.to_string().contains("unexpected number of rows") =>
+            {
                 return Err(SourceError::TableMissing {
                     table: name.clone(),
                     database: database.to_string(),
@@ -102,7 +105,10 @@ pub async fn find_tables(
 }
 
 /// Loads what the database says about the non-builtin types of the tables' columns.
-pub async fn load_types(client: &Client, tables: &[TableInfo]) -> Result<TypeRegistry, SourceError> {
+pub async fn load_types(
+    client: &Client,
+    tables: &[TableInfo],
+) -> Result<TypeRegistry, SourceError> {
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
     let rows = client
         .query(TypeRegistry::CATALOG_QUERY, &[&oids])
@@ -164,7 +170,10 @@ pub async fn ensure_publications(
 
 async fn publication_exists(client: &Client, name: &str) -> Result<bool, SourceError> {
     let row = client
-        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&name])
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
         .await
         .map_err(query_err("reading publications"))?;
     Ok(row.get::<_, i64>(0) > 0)
@@ -177,7 +186,11 @@ async fn ensure_publication(
     tables: &[&TableInfo],
     user: &str,
 ) -> Result<(), SourceError> {
-    let list = tables.iter().map(|t| t.qualified()).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(|t| t.qualified())
+        .collect::<Vec<_>>()
+        .join(", ");
     let privilege = |e: tokio_postgres::Error, sql: String| {
         if e.as_db_error().is_some_and(|d| d.code().code() == "42501") {
             SourceError::Privilege {
@@ -195,16 +208,25 @@ async fn ensure_publication(
         }
     };
     let row = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
         .await
         .map_err(query_err("reading publications"))?;
     let Some(row) = row else {
         let sql = if tables.is_empty() {
             format!("CREATE PUBLICATION {}{with}", quote_ident(name))
         } else {
-            format!("CREATE PUBLICATION {} FOR TABLE {list}{with}", quote_ident(name))
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {list}{with}",
+                quote_ident(name)
+            )
         };
-        client.batch_execute(&sql).await.map_err(|e| privilege(e, sql.clone()))?;
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| privilege(e, sql.clone()))?;
         tracing::info!(publication = name, tables = %list, "created publication");
         return Ok(());
     };
@@ -223,8 +245,15 @@ async fn ensure_publication(
         .collect();
     for t in tables {
         if !present.contains(&(t.schema.to_string(), t.name.to_string())) {
-            let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), t.qualified());
-            client.batch_execute(&sql).await.map_err(|e| privilege(e, sql.clone()))?;
+            let sql = format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_ident(name),
+                t.qualified()
+            );
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| privilege(e, sql.clone()))?;
             tracing::warn!(
                 publication = name,
                 table = %t.qualified(),
