@@ -1,0 +1,188 @@
+//! The fraud rule, streaming form of the analysts' query: a transaction is an anomaly when
+//! its amount is more than `multiplier` times the user's average over their earlier
+//! transactions.
+//!
+//! Every scored transaction is emitted to `fraud_alerts` (keyed by transaction id) with
+//! `is_anomaly` true or false, so that the dashboard can plot normal and anomalous points
+//! alike. Inserts and backfill reads are scored; an update re-scores the transaction and
+//! moves its amount in the user's statistics; a delete removes it from them and emits a
+//! `_deleted` marker for its alert.
+//!
+//! State: per user `user:<id>` = count and sum of their transactions; per transaction
+//! `tx:<id>` = its user and amount (so updates and deletes can be applied without a
+//! before-image).
+//!
+//! Config (all optional): `{"multiplier": 3.0, "min_history": 1, "table": "transactions",
+//! "collection": "fraud_alerts"}`. With fewer than `min_history` earlier transactions a
+//! transaction is scored but never an anomaly.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use weir_plugin_sdk::{state, Document, Op, Output, Plugin};
+
+const RULE: &str = "fraud-rule";
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default = "default_multiplier")]
+    multiplier: f64,
+    #[serde(default = "default_min_history")]
+    min_history: u64,
+    #[serde(default = "default_table")]
+    table: String,
+    #[serde(default = "default_collection")]
+    collection: String,
+}
+
+fn default_multiplier() -> f64 {
+    3.0
+}
+fn default_min_history() -> u64 {
+    1
+}
+fn default_table() -> String {
+    "transactions".into()
+}
+fn default_collection() -> String {
+    "fraud_alerts".into()
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct UserStats {
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Seen {
+    user_id: i64,
+    amount: f64,
+}
+
+struct FraudRule {
+    config: Config,
+}
+
+fn user_key(user: i64) -> String {
+    format!("user:{user}")
+}
+
+fn tx_key(tx: i64) -> String {
+    format!("tx:{tx}")
+}
+
+fn adjust(user: i64, count: i64, amount: f64) {
+    let key = user_key(user);
+    let mut stats: UserStats = state::get_json(&key).unwrap_or_default();
+    stats.count = (stats.count as i64 + count).max(0) as u64;
+    stats.sum += amount;
+    if stats.count == 0 {
+        state::delete(&key);
+    } else {
+        state::set_json(&key, &stats);
+    }
+}
+
+/// Rounds to cents for display; the decision uses the unrounded values.
+fn cents(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+impl FraudRule {
+    fn score(&self, doc: &Document, tx: i64, user: i64, amount: f64) -> Output {
+        let stats: UserStats = state::get_json(&user_key(user)).unwrap_or_default();
+        let avg = if stats.count > 0 { stats.sum / stats.count as f64 } else { 0.0 };
+        let is_anomaly = stats.count >= self.config.min_history && amount > self.config.multiplier * avg;
+        Output::new(
+            &self.config.collection,
+            tx.to_string(),
+            json!({
+                "transaction_id": tx,
+                "user_id": user,
+                "transaction_date": doc.get("transaction_date").cloned().unwrap_or(Value::Null),
+                "amount": doc.get("amount").cloned().unwrap_or(Value::Null),
+                "user_avg": cents(avg),
+                "amount_diff": cents(amount - avg),
+                "history": stats.count,
+                "is_anomaly": is_anomaly,
+                "rule": RULE,
+                "rule_version": VERSION,
+                "multiplier": self.config.multiplier,
+                "lsn": doc.lsn(),
+            }),
+        )
+    }
+}
+
+fn field(doc: &Document, name: &str) -> Result<f64, String> {
+    doc.get_f64(name)
+        .ok_or_else(|| format!("transaction has no numeric `{name}`"))
+}
+
+impl Plugin for FraudRule {
+    fn init(config: Value) -> Result<Self, String> {
+        let config: Config = serde_json::from_value(config).map_err(|e| format!("fraud-rule config: {e}"))?;
+        if !(config.multiplier > 0.0) {
+            return Err("fraud-rule config: multiplier must be positive".into());
+        }
+        Ok(FraudRule { config })
+    }
+
+    fn process(&mut self, doc: &Document) -> Result<Vec<Output>, String> {
+        if doc.table() != Some(self.config.table.as_str()) {
+            return Ok(Vec::new());
+        }
+        let tx = doc
+            .get_i64("transaction_id")
+            .ok_or("transaction has no `transaction_id`")?;
+        match doc.op() {
+            Some(Op::Insert | Op::Read) => {
+                let user = field(doc, "user_id")? as i64;
+                let amount = field(doc, "amount")?;
+                let out = self.score(doc, tx, user, amount);
+                adjust(user, 1, amount);
+                state::set_json(&tx_key(tx), &Seen { user_id: user, amount });
+                Ok(vec![out])
+            }
+            Some(Op::Update) => {
+                let user = field(doc, "user_id")? as i64;
+                let amount = field(doc, "amount")?;
+                // The old version: our own record, else the before-image.
+                let old: Option<Seen> = state::get_json(&tx_key(tx)).or_else(|| {
+                    let b = doc.before()?;
+                    Some(Seen {
+                        user_id: b.get("user_id")?.as_i64()?,
+                        amount: match b.get("amount")? {
+                            Value::String(s) => s.parse().ok()?,
+                            v => v.as_f64()?,
+                        },
+                    })
+                });
+                if let Some(old) = &old {
+                    adjust(old.user_id, -1, -old.amount);
+                }
+                let out = self.score(doc, tx, user, amount);
+                adjust(user, 1, amount);
+                state::set_json(&tx_key(tx), &Seen { user_id: user, amount });
+                Ok(vec![out])
+            }
+            Some(Op::Delete) => {
+                if let Some(old) = state::get_json::<Seen>(&tx_key(tx)) {
+                    adjust(old.user_id, -1, -old.amount);
+                    state::delete(&tx_key(tx));
+                }
+                Ok(vec![Output::new(
+                    &self.config.collection,
+                    tx.to_string(),
+                    json!({ "transaction_id": tx, "_deleted": true, "lsn": doc.lsn() }),
+                )])
+            }
+            Some(Op::Truncate) => Err("fraud-rule cannot forget a truncated table's history yet".into()),
+            None => Err("document has no valid _meta.op".into()),
+        }
+    }
+}
+
+weir_plugin_sdk::export_plugin!(FraudRule);
