@@ -12,6 +12,7 @@
 //! - [`source`]: connects, sets up publication and slot, backfills, streams, acknowledges.
 //! - [`decode`]: pgoutput messages and the text form of values, never panicking on input.
 //! - [`document`]: the change document every later stage sees.
+//! - [`plugin`]: the WASM plugin host (wasmtime, component model), sandboxed and limited.
 //! - [`sink`]: where documents go (JSON lines files for `weir capture`).
 //! - [`config`]: the typed configuration.
 //! - [`local_postgres`]: a private PostgreSQL cluster for tests, demos and benchmarks.
@@ -21,6 +22,7 @@ pub mod decode;
 pub mod document;
 pub mod local_postgres;
 pub mod lsn;
+pub mod plugin;
 pub mod sink;
 pub mod source;
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod capture;
+mod plugin;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,11 @@ struct Cli {
 enum Command {
     /// Capture changes from PostgreSQL into a JSON lines file (or standard output).
     Capture(capture::CaptureArgs),
+    /// Work with plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin::PluginCommand,
+    },
     /// Run the built-in benchmarks.
     Bench {
         #[command(subcommand)]
@@ -37,6 +43,9 @@ enum Command {
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     init_logging();
+    if let Command::Plugin { command } = cli.command {
+        return plugin::run(command);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -45,6 +54,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             Command::Capture(args) => capture::run(args).await,
             Command::Bench { which } => bench::run(which).await,
             Command::Demo { out } => capture::demo(out).await,
+            Command::Plugin { .. } => unreachable!("handled above"),
         }
     })
 }

@@ -1,6 +1,6 @@
 //! Misbehaves on purpose, on documents that have `"poison": true`, in the way its config
 //! says (`{"mode": "trap" | "spin" | "memory" | "bad-json" | "no-collection" | "huge" |
-//! "wrong-count"}`); echoes every other document to the `echo` collection. weir's tests use
+//! "wrong-count" | "escape"}`); echoes every other document to the `echo` collection. weir's tests use
 //! it to prove that one bad document never stops the pipeline.
 
 use std::cell::RefCell;
@@ -79,6 +79,29 @@ impl Guest for Misbehave {
                     document: format!("{{\"blob\": \"{}\"}}", "x".repeat(4 << 20)),
                 }])),
                 "wrong-count" => return Vec::new(),
+                "escape" => {
+                    // Try what the sandbox must deny, and report what came back.
+                    let file = std::fs::read_to_string("/etc/hostname").map_err(|e| e.to_string());
+                    let dir = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
+                    let net = std::net::TcpStream::connect("127.0.0.1:5432").map_err(|e| e.to_string());
+                    let time = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(u64::MAX);
+                    let report = serde_json::json!({
+                        "file_ok": file.is_ok(),
+                        "dir_ok": dir.is_ok(),
+                        "net_ok": net.is_ok(),
+                        "env_vars": std::env::vars().count(),
+                        "args": std::env::args().count(),
+                        "unix_time": time,
+                    });
+                    results.push(Ok(vec![Output {
+                        collection: "escape".into(),
+                        key: "1".into(),
+                        document: report.to_string(),
+                    }]));
+                }
                 other => results.push(Err(format!("unknown mode {other}"))),
             }
         }

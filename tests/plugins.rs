@@ -1,0 +1,341 @@
+//! The plugin host with real components built from `plugins/`: the fraud rule, the
+//! e-mail mask, plugins that misbehave on purpose, and `weir plugin test`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use weir::plugin::{FailureKind, Limits, LoadError, LoadedPlugin, Outcome, PluginState};
+
+fn wasm(name: &str) -> PathBuf {
+    PathBuf::from(env!("WEIR_PLUGIN_DIR")).join(format!("{name}.wasm"))
+}
+
+fn load(name: &str, config: Value, limits: Limits) -> Arc<LoadedPlugin> {
+    let cache = tempfile::tempdir().unwrap();
+    Arc::new(LoadedPlugin::load(name, &wasm(name), &config, limits, Some(cache.path())).unwrap())
+}
+
+fn tx(op: &str, id: i64, user: i64, amount: &str, lsn: &str) -> String {
+    json!({
+        "transaction_id": id, "user_id": user, "transaction_date": "2026-11-29T10:00:00.000000Z",
+        "amount": amount,
+        "_meta": {"op": op, "source": {"schema": "public", "table": "transactions", "lsn": lsn,
+                   "txid": 1, "ts_ms": 0, "seq": 0, "snapshot": op == "r"}}
+    })
+    .to_string()
+}
+
+fn doc_with(id: i64, poison: bool) -> String {
+    json!({"id": id, "poison": poison, "_meta": {"op": "c", "source": {"schema": "public", "table": "t", "lsn": "0/1"}}})
+        .to_string()
+}
+
+fn ok(o: &Outcome) -> &Vec<weir::plugin::Emitted> {
+    o.as_ref().unwrap_or_else(|f| panic!("failed: {f:?}"))
+}
+
+#[test]
+fn fraud_rule_flags_amounts_over_three_times_the_average() {
+    let plugin = load("fraud_rule", json!({}), Limits::default());
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let docs = vec![
+        tx("r", 1, 7, "10.00", "0/10"),
+        tx("c", 2, 7, "20.00", "0/20"),
+        tx("c", 3, 7, "90.01", "0/30"), // avg 15: 90.01 > 45 -> anomaly
+        tx("c", 4, 8, "500.00", "0/40"), // first of user 8: no history, never an anomaly
+        tx("c", 5, 7, "50.00", "0/50"), // avg (10+20+90.01)/3 = 40.00: 50 < 120
+    ];
+    let out = inst.process(&docs);
+    let alerts: Vec<&Value> = out.iter().map(|o| &ok(o)[0].document).collect();
+    assert_eq!(ok(&out[2])[0].collection, "fraud_alerts");
+    assert_eq!(ok(&out[2])[0].key, "3");
+    assert_eq!(
+        alerts
+            .iter()
+            .map(|a| a["is_anomaly"].as_bool().unwrap())
+            .collect::<Vec<_>>(),
+        [false, false, true, false, false]
+    );
+    assert_eq!(alerts[2]["user_avg"], json!(15.0));
+    assert_eq!(alerts[2]["amount_diff"], json!(75.01));
+    assert_eq!(alerts[2]["amount"], json!("90.01"));
+    assert_eq!(alerts[2]["rule"], json!("fraud-rule"));
+    assert_eq!(alerts[2]["lsn"], json!("0/30"));
+    assert_eq!(alerts[4]["user_avg"], json!(40.0));
+
+    // An update moves the amount in the statistics (no before-image needed); a delete
+    // removes it and retracts its alert.
+    let out = inst.process(&[
+        tx("u", 3, 7, "20.00", "0/60"),
+        json!({"transaction_id": 3, "_meta": {"op": "d", "source": {"table": "transactions", "lsn": "0/70"}}}).to_string(),
+        tx("c", 6, 7, "100.00", "0/80"),
+    ]);
+    // After the update, user 7 has 10, 20, 50 (avg 26.67) besides tx 3 itself.
+    assert_eq!(ok(&out[0])[0].document["user_avg"], json!(26.67));
+    assert_eq!(
+        ok(&out[1])[0].document,
+        json!({"transaction_id": 3, "_deleted": true, "lsn": "0/70"})
+    );
+    // After the delete: 10, 20, 50 -> avg 26.67; 100 > 80 -> anomaly.
+    assert_eq!(ok(&out[2])[0].document["is_anomaly"], json!(true));
+
+    // Other tables pass without output; a broken document fails alone, with the reason.
+    let out = inst.process(&[
+        json!({"id": 1, "_meta": {"op": "c", "source": {"table": "users"}}}).to_string(),
+        json!({"transaction_id": 9, "user_id": 7, "_meta": {"op": "c", "source": {"table": "transactions"}}}).to_string(),
+    ]);
+    assert!(ok(&out[0]).is_empty());
+    let f = out[1].as_ref().unwrap_err();
+    assert_eq!(f.kind, FailureKind::Rejected);
+    assert!(f.error.contains("amount"), "{f:?}");
+}
+
+#[test]
+fn fraud_rule_config_is_checked_and_used() {
+    let err = LoadedPlugin::load(
+        "fraud_rule",
+        &wasm("fraud_rule"),
+        &json!({"multipler": 2}),
+        Limits::default(),
+        None,
+    )
+    .map(Arc::new)
+    .unwrap()
+    .instantiate(PluginState::default())
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("multipler") && err.contains("fraud_rule"),
+        "{err}"
+    );
+    let plugin = load(
+        "fraud_rule",
+        json!({"multiplier": 1.5, "min_history": 2}),
+        Limits::default(),
+    );
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let out = inst.process(&[
+        tx("c", 1, 1, "10", "0/1"),
+        tx("c", 2, 1, "100", "0/2"),
+        tx("c", 3, 1, "90", "0/3"),
+    ]);
+    // Second: only one earlier transaction (min_history 2): not an anomaly. Third: avg 55,
+    // 90 > 82.5.
+    let flags: Vec<bool> = out
+        .iter()
+        .map(|o| ok(o)[0].document["is_anomaly"].as_bool().unwrap())
+        .collect();
+    assert_eq!(flags, [false, false, true]);
+}
+
+#[test]
+fn mask_email_replaces_the_users_document() {
+    let plugin = load("mask_email", json!({}), Limits::default());
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let doc = json!({"user_id": 4, "email": "alice@example.com",
+                     "_meta": {"op": "c", "source": {"table": "users"}}});
+    let out = inst.process(&[doc.to_string()]);
+    let o = &ok(&out[0])[0];
+    assert_eq!((o.collection.as_str(), o.key.as_str()), ("users", "4"));
+    assert_eq!(o.document["email"], json!("a****@example.com"));
+    assert_eq!(o.document["_meta"]["op"], json!("c"));
+}
+
+fn limits() -> Limits {
+    Limits {
+        timeout_ms: 200,
+        memory_mb: 32,
+        ..Limits::default()
+    }
+}
+
+/// One poison document among good ones, for every kind of misbehaviour: only it fails,
+/// with the right kind, and the plugin goes on.
+#[test]
+fn misbehaving_plugins_fail_only_the_poison_document() {
+    for (mode, kind, words) in [
+        ("trap", FailureKind::Trap, "trapped"),
+        ("spin", FailureKind::Timeout, "CPU time"),
+        ("memory", FailureKind::Memory, "memory"),
+        ("bad-json", FailureKind::InvalidOutput, "not valid JSON"),
+        ("no-collection", FailureKind::InvalidOutput, "collection"),
+        ("huge", FailureKind::InvalidOutput, "max_output_bytes"),
+        ("wrong-count", FailureKind::InvalidOutput, "results for"),
+    ] {
+        let plugin = load("misbehave", json!({ "mode": mode }), limits());
+        let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+        let docs = [doc_with(1, false), doc_with(2, true), doc_with(3, false)];
+        let out = inst.process(&docs);
+        assert_eq!(out.len(), 3, "{mode}");
+        assert_eq!(ok(&out[0])[0].document["id"], json!(1), "{mode}");
+        assert_eq!(ok(&out[2])[0].document["id"], json!(3), "{mode}");
+        let f = out[1]
+            .as_ref()
+            .err()
+            .unwrap_or_else(|| panic!("{mode}: poison passed"));
+        assert_eq!(f.kind, kind, "{mode}: {f:?}");
+        assert_eq!(f.plugin, "misbehave");
+        assert!(f.error.contains(words), "{mode}: {}", f.error);
+        // The plugin keeps working after the failure.
+        let again = inst.process(&[doc_with(4, false)]);
+        assert_eq!(ok(&again[0])[0].document["id"], json!(4), "{mode}");
+        if matches!(mode, "trap" | "spin" | "memory") {
+            // The trapped batch's state writes were undone: only the successful calls
+            // (1 and 3 retried alone, then 4) counted.
+            assert_eq!(inst.state().get("seen").map(|v| v.len()), Some(3), "{mode}");
+        }
+    }
+}
+
+#[test]
+fn the_sandbox_grants_no_files_network_environment_or_clock() {
+    let plugin = load("misbehave", json!({ "mode": "escape" }), limits());
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let out = inst.process(&[doc_with(1, true)]);
+    let report = &ok(&out[0])[0].document;
+    assert_eq!(
+        report,
+        &json!({"file_ok": false, "dir_ok": false, "net_ok": false, "env_vars": 0, "args": 0, "unix_time": 0})
+    );
+}
+
+#[test]
+fn incompatible_or_broken_components_are_refused_with_the_reason() {
+    let err = LoadedPlugin::load(
+        "old",
+        &wasm("wrong_version"),
+        &json!({}),
+        Limits::default(),
+        None,
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, LoadError::Version { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("weir:plugin@9.0.0") && msg.contains("weir:plugin@0.1.0"),
+        "{msg}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"\0asm not really").unwrap();
+    let msg = LoadedPlugin::load("broken", &broken, &json!({}), Limits::default(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("broken.wasm") && msg.contains("not a valid WebAssembly component"),
+        "{msg}"
+    );
+
+    let msg = LoadedPlugin::load(
+        "gone",
+        &dir.path().join("gone.wasm"),
+        &json!({}),
+        Limits::default(),
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(msg.contains("gone.wasm"), "{msg}");
+}
+
+#[test]
+fn compiled_components_are_cached() {
+    let cache = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        LoadedPlugin::load(
+            "fraud_rule",
+            &wasm("fraud_rule"),
+            &json!({}),
+            Limits::default(),
+            Some(cache.path()),
+        )
+        .unwrap();
+    }
+    let files: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
+    assert_eq!(files.len(), 1, "one compiled file, reused");
+}
+
+fn weir() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+}
+
+#[test]
+fn weir_plugin_test_prints_outputs_and_checks_expectations() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("changes.jsonl");
+    std::fs::write(
+        &input,
+        [
+            tx("c", 1, 1, "10.00", "0/1"),
+            tx("c", 2, 1, "40.00", "0/2"),
+            "{broken".to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = weir()
+        .args(["plugin", "test"])
+        .arg(wasm("fraud_rule"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["document"]["is_anomaly"], json!(true));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("changes.jsonl:3: not valid JSON"),
+        "{stderr}"
+    );
+
+    // Expectations: the same outputs pass (for the two good lines), a changed one fails.
+    std::fs::write(
+        &input,
+        [tx("c", 1, 1, "10.00", "0/1"), tx("c", 2, 1, "40.00", "0/2")].join("\n"),
+    )
+    .unwrap();
+    let expect = dir.path().join("expected.jsonl");
+    std::fs::write(&expect, &stdout).unwrap();
+    let status = weir()
+        .args(["plugin", "test"])
+        .arg(wasm("fraud_rule"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--expect")
+        .arg(&expect)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let out = weir()
+        .args(["plugin", "test"])
+        .arg(wasm("fraud_rule"))
+        .arg("--input")
+        .arg(&input)
+        .args(["--config", r#"{"multiplier": 10}"#])
+        .arg("--expect")
+        .arg(&expect)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("output 2") && stderr.contains("FAILED"),
+        "{stderr}"
+    );
+}
