@@ -244,23 +244,6 @@ fn incompatible_or_broken_components_are_refused_with_the_reason() {
     assert!(msg.contains("gone.wasm"), "{msg}");
 }
 
-#[test]
-fn compiled_components_are_cached() {
-    let cache = tempfile::tempdir().unwrap();
-    for _ in 0..2 {
-        LoadedPlugin::load(
-            "fraud_rule",
-            &wasm("fraud_rule"),
-            &json!({}),
-            Limits::default(),
-            Some(cache.path()),
-        )
-        .unwrap();
-    }
-    let files: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
-    assert_eq!(files.len(), 1, "one compiled file, reused");
-}
-
 fn weir() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
 }
@@ -338,4 +321,50 @@ fn weir_plugin_test_prints_outputs_and_checks_expectations() {
         stderr.contains("output 2") && stderr.contains("FAILED"),
         "{stderr}"
     );
+}
+
+#[test]
+fn plugins_chain_in_order_and_failures_carry_plugin_error_and_lsn() {
+    use weir::plugin::Chain;
+    let mask = load("mask_email", json!({}), Limits::default());
+    let fraud = load("fraud_rule", json!({}), Limits::default());
+    let trap = load("misbehave", json!({"mode": "trap"}), limits());
+    let mut chain = Chain::new(vec![
+        mask.instantiate(PluginState::default()).unwrap(),
+        trap.instantiate(PluginState::default()).unwrap(),
+        fraud.instantiate(PluginState::default()).unwrap(),
+    ]);
+    let user = json!({"user_id": 1, "email": "bob@example.com", "poison": true,
+                      "_meta": {"op": "c", "source": {"table": "users", "lsn": "0/AB"}}});
+    let out = chain.process(vec![user.to_string(), tx("c", 1, 1, "10.00", "0/AC")]);
+    // The masked user replaced the original on its way to the replica.
+    let masked: Value = serde_json::from_str(&out.documents[0]).unwrap();
+    assert_eq!(masked["email"], json!("b**@example.com"));
+    // The trap plugin failed on the poisoned user only; the failure names plugin and LSN.
+    assert_eq!(out.failures.len(), 1);
+    let (index, failure) = &out.failures[0];
+    assert_eq!((*index, failure.plugin.as_str(), failure.lsn.as_deref()), (0, "misbehave", Some("0/AB")));
+    // The transaction went through all three: echoed by misbehave, scored by the rule.
+    let collections: Vec<(usize, &str)> = out.emitted.iter().map(|(i, e)| (*i, e.collection.as_str())).collect();
+    assert_eq!(collections, [(1, "echo"), (1, "fraud_alerts")]);
+}
+
+#[test]
+fn cache_is_keyed_by_the_component_and_state_survives_batches() {
+    let cache = tempfile::tempdir().unwrap();
+    for name in ["fraud_rule", "mask_email", "fraud_rule"] {
+        LoadedPlugin::load(name, &wasm(name), &json!({}), Limits::default(), Some(cache.path())).unwrap();
+    }
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2, "a changed component compiles anew");
+
+    // State carries from one batch to the next, and into a new instance given the state.
+    let plugin = load("fraud_rule", json!({}), Limits::default());
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    inst.process(&[tx("c", 1, 5, "10.00", "0/1")]);
+    inst.process(&[tx("c", 2, 5, "30.00", "0/2")]);
+    let state = inst.state().clone();
+    let mut next = plugin.instantiate(state).unwrap();
+    let out = next.process(&[tx("c", 3, 5, "61.00", "0/3")]);
+    assert_eq!(ok(&out[0])[0].document["user_avg"], json!(20.0));
+    assert_eq!(ok(&out[0])[0].document["is_anomaly"], json!(true));
 }

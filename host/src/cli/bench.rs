@@ -24,10 +24,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// The fraud rule as WebAssembly against the same rule compiled into weir.
+    Plugin {
+        /// Documents to score.
+        #[arg(long, default_value_t = 1_000_000)]
+        docs: usize,
+        /// The fraud rule component (default: the one built with weir).
+        #[arg(long)]
+        wasm: Option<std::path::PathBuf>,
+    },
 }
 
 pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
     match which {
+        BenchCommand::Plugin { docs, wasm } => {
+            let wasm = wasm.unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")
+            });
+            tokio::task::spawn_blocking(move || super::bench_plugin::run(docs, &wasm)).await??
+        }
         BenchCommand::Capture {
             rows,
             transactions,

@@ -13,6 +13,7 @@
 
 mod bindings;
 pub mod cache;
+mod chain;
 mod state;
 mod store;
 
@@ -25,6 +26,7 @@ use serde_json::Value;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
+pub use chain::{Chain, ChainOutput};
 pub use state::PluginState;
 use store::StoreState;
 
@@ -60,6 +62,13 @@ pub struct Limits {
     /// Documents per call.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// Give the plugin the host's real wall and monotonic clocks (its outputs then depend
+    /// on time, and a replay after a crash may differ).
+    #[serde(default)]
+    pub allow_clock: bool,
+    /// Give the plugin real randomness (same caveat).
+    #[serde(default)]
+    pub allow_random: bool,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -82,6 +91,8 @@ impl Default for Limits {
             memory_mb: DEFAULT_MEMORY_MB,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             batch: DEFAULT_BATCH,
+            allow_clock: false,
+            allow_random: false,
         }
     }
 }
@@ -170,6 +181,8 @@ pub struct Failure {
     pub kind: FailureKind,
     /// The message.
     pub error: String,
+    /// The failed document's `_meta.source.lsn`, when it has one.
+    pub lsn: Option<String>,
 }
 
 /// A document a plugin emitted.
@@ -300,10 +313,8 @@ impl LoadedPlugin {
 
     fn new_store(&self, state: PluginState) -> Store<StoreState> {
         let memory = (self.limits.memory_mb.max(1) * 1024 * 1024) as usize;
-        let mut store = Store::new(
-            &self.shared.engine,
-            StoreState::new(self.name.clone(), memory, state),
-        );
+        let data = StoreState::new(self.name.clone(), memory, state, &self.limits);
+        let mut store = Store::new(&self.shared.engine, data);
         store.limiter(|s| &mut s.limits);
         store
     }
@@ -398,6 +409,17 @@ impl PluginInstance {
     /// fails as a whole: a trap, timeout or memory violation is isolated to the documents
     /// that cause it.
     pub fn process(&mut self, documents: &[String]) -> Vec<Outcome> {
+        let mut out = self.process_unlabelled(documents);
+        // Failures are rare: only then is the document read again for its LSN.
+        for (outcome, doc) in out.iter_mut().zip(documents) {
+            if let Err(f) = outcome {
+                f.lsn = document_lsn(doc);
+            }
+        }
+        out
+    }
+
+    fn process_unlabelled(&mut self, documents: &[String]) -> Vec<Outcome> {
         let mut out = Vec::with_capacity(documents.len());
         for chunk in documents.chunks(self.plugin.limits.batch.max(1)) {
             match self.call(chunk) {
@@ -427,6 +449,7 @@ impl PluginInstance {
             plugin: self.plugin.name.to_string(),
             kind,
             error,
+            lsn: None,
         }
     }
 
@@ -525,6 +548,12 @@ impl PluginInstance {
             })
             .collect()
     }
+}
+
+/// `_meta.source.lsn` of a document, if it has one.
+fn document_lsn(doc: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(doc).ok()?;
+    Some(v.get("_meta")?.get("source")?.get("lsn")?.as_str()?.to_string())
 }
 
 /// Names the kind of a trap and a message a person can act on.

@@ -17,8 +17,8 @@
 //! transaction is scored but never an anomaly.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use weir_plugin_sdk::{state, Document, Op, Output, Plugin};
+use serde_json::{Value, json};
+use weir_plugin_sdk::{Document, Op, Output, Plugin, state};
 
 const RULE: &str = "fraud-rule";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -61,7 +61,8 @@ struct Seen {
     amount: f64,
 }
 
-struct FraudRule {
+/// The rule (public so that weir's benchmark can run it natively).
+pub struct FraudRule {
     config: Config,
 }
 
@@ -93,8 +94,13 @@ fn cents(v: f64) -> f64 {
 impl FraudRule {
     fn score(&self, doc: &Document, tx: i64, user: i64, amount: f64) -> Output {
         let stats: UserStats = state::get_json(&user_key(user)).unwrap_or_default();
-        let avg = if stats.count > 0 { stats.sum / stats.count as f64 } else { 0.0 };
-        let is_anomaly = stats.count >= self.config.min_history && amount > self.config.multiplier * avg;
+        let avg = if stats.count > 0 {
+            stats.sum / stats.count as f64
+        } else {
+            0.0
+        };
+        let is_anomaly =
+            stats.count >= self.config.min_history && amount > self.config.multiplier * avg;
         Output::new(
             &self.config.collection,
             tx.to_string(),
@@ -123,8 +129,9 @@ fn field(doc: &Document, name: &str) -> Result<f64, String> {
 
 impl Plugin for FraudRule {
     fn init(config: Value) -> Result<Self, String> {
-        let config: Config = serde_json::from_value(config).map_err(|e| format!("fraud-rule config: {e}"))?;
-        if !(config.multiplier > 0.0) {
+        let config: Config =
+            serde_json::from_value(config).map_err(|e| format!("fraud-rule config: {e}"))?;
+        if config.multiplier.is_nan() || config.multiplier <= 0.0 {
             return Err("fraud-rule config: multiplier must be positive".into());
         }
         Ok(FraudRule { config })
@@ -143,7 +150,13 @@ impl Plugin for FraudRule {
                 let amount = field(doc, "amount")?;
                 let out = self.score(doc, tx, user, amount);
                 adjust(user, 1, amount);
-                state::set_json(&tx_key(tx), &Seen { user_id: user, amount });
+                state::set_json(
+                    &tx_key(tx),
+                    &Seen {
+                        user_id: user,
+                        amount,
+                    },
+                );
                 Ok(vec![out])
             }
             Some(Op::Update) => {
@@ -165,7 +178,13 @@ impl Plugin for FraudRule {
                 }
                 let out = self.score(doc, tx, user, amount);
                 adjust(user, 1, amount);
-                state::set_json(&tx_key(tx), &Seen { user_id: user, amount });
+                state::set_json(
+                    &tx_key(tx),
+                    &Seen {
+                        user_id: user,
+                        amount,
+                    },
+                );
                 Ok(vec![out])
             }
             Some(Op::Delete) => {
@@ -179,7 +198,9 @@ impl Plugin for FraudRule {
                     json!({ "transaction_id": tx, "_deleted": true, "lsn": doc.lsn() }),
                 )])
             }
-            Some(Op::Truncate) => Err("fraud-rule cannot forget a truncated table's history yet".into()),
+            Some(Op::Truncate) => {
+                Err("fraud-rule cannot forget a truncated table's history yet".into())
+            }
             None => Err("document has no valid _meta.op".into()),
         }
     }

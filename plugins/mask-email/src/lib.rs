@@ -24,7 +24,8 @@ fn default_column() -> String {
     "email".into()
 }
 
-struct MaskEmail {
+/// The plugin.
+pub struct MaskEmail {
     config: Config,
 }
 
@@ -33,7 +34,10 @@ pub fn mask(address: &str) -> String {
     match address.split_once('@') {
         Some((local, domain)) => {
             let first: String = local.chars().take(1).collect();
-            format!("{first}{}@{domain}", "*".repeat(local.chars().count().saturating_sub(1).max(1)))
+            format!(
+                "{first}{}@{domain}",
+                "*".repeat(local.chars().count().saturating_sub(1).max(1))
+            )
         }
         None => "*".repeat(address.chars().count()),
     }
@@ -41,7 +45,8 @@ pub fn mask(address: &str) -> String {
 
 impl Plugin for MaskEmail {
     fn init(config: Value) -> Result<Self, String> {
-        let config = serde_json::from_value(config).map_err(|e| format!("mask-email config: {e}"))?;
+        let config =
+            serde_json::from_value(config).map_err(|e| format!("mask-email config: {e}"))?;
         Ok(MaskEmail { config })
     }
 
@@ -54,15 +59,21 @@ impl Plugin for MaskEmail {
             let m = mask(email);
             masked.insert(self.config.column.clone(), Value::String(m));
         }
-        if let Some(Value::Object(meta)) = masked.get_mut("_meta") {
-            if let Some(Value::Object(before)) = meta.get_mut("before") {
-                if let Some(Value::String(email)) = before.get(&self.config.column) {
-                    let m = mask(email);
-                    before.insert(self.config.column.clone(), Value::String(m));
-                }
-            }
+        let before = masked
+            .get_mut("_meta")
+            .and_then(|m| m.get_mut("before"))
+            .and_then(Value::as_object_mut);
+        if let Some(before) = before
+            && let Some(Value::String(email)) = before.get(&self.config.column)
+        {
+            let m = mask(email);
+            before.insert(self.config.column.clone(), Value::String(m));
         }
-        Ok(vec![Output::new(self.config.table.clone(), doc.key_of(&["user_id"]), Value::Object(masked))])
+        Ok(vec![Output::new(
+            self.config.table.clone(),
+            doc.key_of(&["user_id"]),
+            Value::Object(masked),
+        )])
     }
 }
 

@@ -27,6 +27,7 @@ use std::cell::RefCell;
 
 use serde_json::{Map, Value};
 
+#[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -37,7 +38,41 @@ pub mod bindings {
     });
 }
 
+#[cfg(target_arch = "wasm32")]
 use bindings::weir::plugin::host;
+
+/// The host's functions when the plugin is compiled natively (benchmarks): state in a
+/// thread-local map, logs to standard error.
+#[cfg(not(target_arch = "wasm32"))]
+mod host {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    thread_local! {
+        static STATE: RefCell<HashMap<String, Vec<u8>>> = RefCell::new(HashMap::new());
+    }
+
+    /// Log levels, as in the WIT contract.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Level {
+        Debug,
+        Info,
+        Warn,
+    }
+
+    pub fn log(level: Level, message: &str) {
+        eprintln!("{level:?}: {message}");
+    }
+    pub fn state_get(key: &str) -> Option<Vec<u8>> {
+        STATE.with(|s| s.borrow().get(key).cloned())
+    }
+    pub fn state_set(key: &str, value: &[u8]) {
+        STATE.with(|s| s.borrow_mut().insert(key.to_string(), value.to_vec()));
+    }
+    pub fn state_delete(key: &str) {
+        STATE.with(|s| s.borrow_mut().remove(key));
+    }
+}
 
 /// A plugin: built once from its configuration, then called once per document.
 pub trait Plugin: Sized + 'static {
@@ -245,19 +280,40 @@ pub fn __init<P: Plugin>(config: String) -> Result<(), String> {
     let config: Value = if config.trim().is_empty() {
         Value::Object(Map::new())
     } else {
-        serde_json::from_str(&config).map_err(|e| format!("plugin config is not valid JSON: {e}"))?
+        serde_json::from_str(&config)
+            .map_err(|e| format!("plugin config is not valid JSON: {e}"))?
     };
     let plugin = P::init(config)?;
     INSTANCE.with(|i| *i.borrow_mut() = Some(Box::new(plugin)));
     Ok(())
 }
 
+/// Runs a plugin on one document natively, as the host would through WebAssembly: parse,
+/// process, serialize each output. For benchmarks against the WebAssembly build.
+pub fn run_native<P: Plugin>(
+    plugin: &mut P,
+    json: &str,
+) -> Result<Vec<(String, String, String)>, String> {
+    let doc = Document::parse(json)?;
+    Ok(plugin
+        .process(&doc)?
+        .into_iter()
+        .map(|o| (o.collection, o.key, o.document.to_string()))
+        .collect())
+}
+
+#[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
-pub fn __process<P: Plugin>(documents: Vec<String>) -> Vec<Result<Vec<bindings::weir::plugin::types::Output>, String>> {
+pub fn __process<P: Plugin>(
+    documents: Vec<String>,
+) -> Vec<Result<Vec<bindings::weir::plugin::types::Output>, String>> {
     INSTANCE.with(|i| {
         let mut slot = i.borrow_mut();
         let Some(plugin) = slot.as_mut().and_then(|b| b.downcast_mut::<P>()) else {
-            return documents.iter().map(|_| Err("plugin was not initialized".to_string())).collect();
+            return documents
+                .iter()
+                .map(|_| Err("plugin was not initialized".to_string()))
+                .collect();
         };
         documents
             .iter()
@@ -281,8 +337,10 @@ pub fn __process<P: Plugin>(documents: Vec<String>) -> Vec<Result<Vec<bindings::
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
         struct __WeirPluginExport;
 
+        #[cfg(target_arch = "wasm32")]
         impl $crate::bindings::Guest for __WeirPluginExport {
             fn init(config: String) -> Result<(), String> {
                 $crate::__init::<$plugin>(config)
@@ -294,6 +352,7 @@ macro_rules! export_plugin {
             }
         }
 
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::export!(__WeirPluginExport with_types_in $crate::bindings);
     };
 }

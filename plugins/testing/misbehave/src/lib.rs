@@ -2,11 +2,12 @@
 //! says (`{"mode": "trap" | "spin" | "memory" | "bad-json" | "no-collection" | "huge" |
 //! "wrong-count" | "escape"}`); echoes every other document to the `echo` collection. weir's tests use
 //! it to prove that one bad document never stops the pipeline.
+#![cfg(target_arch = "wasm32")]
 
 use std::cell::RefCell;
 
-use weir_plugin_sdk::bindings::weir::plugin::{host, types::Output};
 use weir_plugin_sdk::bindings::Guest;
+use weir_plugin_sdk::bindings::weir::plugin::{host, types::Output};
 
 thread_local! {
     static MODE: RefCell<String> = const { RefCell::new(String::new()) };
@@ -82,8 +83,11 @@ impl Guest for Misbehave {
                 "escape" => {
                     // Try what the sandbox must deny, and report what came back.
                     let file = std::fs::read_to_string("/etc/hostname").map_err(|e| e.to_string());
-                    let dir = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
-                    let net = std::net::TcpStream::connect("127.0.0.1:5432").map_err(|e| e.to_string());
+                    let dir = std::fs::read_dir("/")
+                        .map(|d| d.count())
+                        .map_err(|e| e.to_string());
+                    let net =
+                        std::net::TcpStream::connect("127.0.0.1:5432").map_err(|e| e.to_string());
                     let time = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())

@@ -1,4 +1,5 @@
 //! Built against `weir:plugin@9.0.0`: weir must refuse to load it, saying why.
+#![cfg(target_arch = "wasm32")]
 
 wit_bindgen::generate!({ path: "wit", world: "plugin" });
 

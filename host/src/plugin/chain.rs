@@ -1,0 +1,72 @@
+//! Plugins in configured order.
+//!
+//! Each document goes through every plugin. An output addressed to the document's own
+//! table (collection `transactions` for a row of `public.transactions`) replaces the
+//! document for the next plugins and, in the end, for the replica; outputs to other
+//! collections are collected for their tables. A plugin that fails on a document does not
+//! stop it: the failure is recorded (for the dead-letter table) and the document goes on
+//! unchanged.
+
+use serde_json::Value;
+
+use super::{Emitted, Failure, PluginInstance};
+
+/// What a chain makes of a batch.
+#[derive(Debug, Default)]
+pub struct ChainOutput {
+    /// Per input document, what continues to its table (the input, or what replaced it).
+    pub documents: Vec<String>,
+    /// Outputs to other collections, with the index of the input they came from.
+    pub emitted: Vec<(usize, Emitted)>,
+    /// Failures, with the index of the input document.
+    pub failures: Vec<(usize, Failure)>,
+}
+
+/// Plugin instances in order.
+pub struct Chain {
+    stages: Vec<PluginInstance>,
+}
+
+impl Chain {
+    /// A chain of instances, first to last.
+    pub fn new(stages: Vec<PluginInstance>) -> Chain {
+        Chain { stages }
+    }
+
+    /// The instances.
+    pub fn stages(&self) -> &[PluginInstance] {
+        &self.stages
+    }
+
+    /// Runs a batch of documents (JSON) through every plugin.
+    pub fn process(&mut self, documents: Vec<String>) -> ChainOutput {
+        let tables: Vec<Option<String>> = documents.iter().map(|d| table_of(d)).collect();
+        let mut out = ChainOutput {
+            documents,
+            ..ChainOutput::default()
+        };
+        for stage in &mut self.stages {
+            let outcomes = stage.process(&out.documents);
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                match outcome {
+                    Err(failure) => out.failures.push((i, failure)),
+                    Ok(emitted) => {
+                        for e in emitted {
+                            if tables[i].as_deref() == Some(e.collection.as_str()) {
+                                out.documents[i] = e.document.to_string();
+                            } else {
+                                out.emitted.push((i, e));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn table_of(doc: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(doc).ok()?;
+    Some(v.get("_meta")?.get("source")?.get("table")?.as_str()?.to_string())
+}
