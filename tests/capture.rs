@@ -191,7 +191,14 @@ async fn unchanged_toast_values_are_marked_not_null() {
 async fn add_column_mid_stream() {
     let db = TestDb::new("schema");
     db.sql("CREATE TABLE t (id int PRIMARY KEY, a text);");
-    let mut capture = Capture::start(&db.source(&["t"]), CaptureOptions::default())
+    // Connection fields instead of a URL.
+    let mut source = db.source(&["t"]);
+    source.url = String::new();
+    source.host = Some("127.0.0.1".into());
+    source.port = Some(db.cluster.port());
+    source.user = Some("postgres".into());
+    source.database = Some(db.db.clone());
+    let mut capture = Capture::start(&source, CaptureOptions::default())
         .await
         .unwrap();
     backfill(&mut capture).await;

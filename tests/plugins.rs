@@ -343,9 +343,16 @@ fn plugins_chain_in_order_and_failures_carry_plugin_error_and_lsn() {
     // The trap plugin failed on the poisoned user only; the failure names plugin and LSN.
     assert_eq!(out.failures.len(), 1);
     let (index, failure) = &out.failures[0];
-    assert_eq!((*index, failure.plugin.as_str(), failure.lsn.as_deref()), (0, "misbehave", Some("0/AB")));
+    assert_eq!(
+        (*index, failure.plugin.as_str(), failure.lsn.as_deref()),
+        (0, "misbehave", Some("0/AB"))
+    );
     // The transaction went through all three: echoed by misbehave, scored by the rule.
-    let collections: Vec<(usize, &str)> = out.emitted.iter().map(|(i, e)| (*i, e.collection.as_str())).collect();
+    let collections: Vec<(usize, &str)> = out
+        .emitted
+        .iter()
+        .map(|(i, e)| (*i, e.collection.as_str()))
+        .collect();
     assert_eq!(collections, [(1, "echo"), (1, "fraud_alerts")]);
 }
 
@@ -353,9 +360,20 @@ fn plugins_chain_in_order_and_failures_carry_plugin_error_and_lsn() {
 fn cache_is_keyed_by_the_component_and_state_survives_batches() {
     let cache = tempfile::tempdir().unwrap();
     for name in ["fraud_rule", "mask_email", "fraud_rule"] {
-        LoadedPlugin::load(name, &wasm(name), &json!({}), Limits::default(), Some(cache.path())).unwrap();
+        LoadedPlugin::load(
+            name,
+            &wasm(name),
+            &json!({}),
+            Limits::default(),
+            Some(cache.path()),
+        )
+        .unwrap();
     }
-    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2, "a changed component compiles anew");
+    assert_eq!(
+        std::fs::read_dir(cache.path()).unwrap().count(),
+        2,
+        "a changed component compiles anew"
+    );
 
     // State carries from one batch to the next, and into a new instance given the state.
     let plugin = load("fraud_rule", json!({}), Limits::default());
@@ -367,4 +385,22 @@ fn cache_is_keyed_by_the_component_and_state_survives_batches() {
     let out = next.process(&[tx("c", 3, 5, "61.00", "0/3")]);
     assert_eq!(ok(&out[0])[0].document["user_avg"], json!(20.0));
     assert_eq!(ok(&out[0])[0].document["is_anomaly"], json!(true));
+}
+
+/// The hand-checked fixture in `plugins/fraud-rule/fixtures` (see its README).
+#[test]
+fn fraud_rule_matches_its_hand_checked_fixture() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/fraud-rule/fixtures");
+    let out = weir()
+        .args(["plugin", "test"])
+        .arg(wasm("fraud_rule"))
+        .arg("--input")
+        .arg(fixtures.join("changes.jsonl"))
+        .arg("--expect")
+        .arg(fixtures.join("expected.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ok: 9 outputs as expected"), "{stderr}");
 }

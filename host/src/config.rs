@@ -46,8 +46,22 @@ pub enum TlsMode {
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Connection URL, `postgres://user@host:port/database`. A password may be put here
-    /// but `password_env` or `password_file` keep it out of the file.
+    /// but `password_env` or `password_file` keep it out of the file. Instead of a URL (or
+    /// to override its parts), `host`, `port`, `user` and `database` may be given.
+    #[serde(default)]
     pub url: String,
+    /// Host name, IP address or Unix socket folder (overrides the URL's).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Port (overrides the URL's; default 5432).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Role to connect as (overrides the URL's).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Database (overrides the URL's).
+    #[serde(default)]
+    pub database: Option<String>,
     /// Name of an environment variable holding the password.
     #[serde(default)]
     pub password_env: Option<String>,
@@ -107,6 +121,10 @@ impl SourceConfig {
     pub fn new(url: impl Into<String>, tables: Vec<String>) -> Self {
         SourceConfig {
             url: url.into(),
+            host: None,
+            port: None,
+            user: None,
+            database: None,
             password_env: None,
             password_file: None,
             tables,
@@ -210,6 +228,11 @@ impl Config {
             message,
         };
         let src = &self.source;
+        if src.url.is_empty() && (src.host.is_none() || src.user.is_none()) {
+            return Err(invalid(
+                "source needs a url = \"postgres://user@host:port/database\", or host, user and database".into(),
+            ));
+        }
         if src.tables.is_empty() {
             return Err(invalid(
                 "source.tables is empty: list the tables to capture, e.g. tables = [\"public.users\"]".into(),
@@ -277,6 +300,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("My-Slot"), "{err}");
+    }
+
+    #[test]
+    fn fields_instead_of_a_url() {
+        let c = Config::parse(
+            "[source]\nhost = \"db\"\nport = 6543\nuser = \"weir\"\ndatabase = \"bank\"\ntables = [\"t\"]\n",
+            Path::new("w.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.source.host.as_deref(), c.source.port),
+            (Some("db"), Some(6543))
+        );
+        let err = Config::parse("[source]\ntables = [\"t\"]\n", Path::new("w.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a url"), "{err}");
     }
 
     #[test]

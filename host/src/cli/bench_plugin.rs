@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use fraud_rule::FraudRule;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use weir::plugin::{Limits, LoadedPlugin, PluginState};
 use weir_plugin_sdk::Plugin;
 
@@ -56,7 +56,11 @@ pub fn run(count: usize, wasm: &Path) -> Result<()> {
     let mut wasm_ns_1000 = 0.0;
     for batch in [1000usize, 100, 1] {
         // Batch size 1 is slow by design: measure it on fewer documents.
-        let n = if batch == 1 { count.min(100_000) } else { count };
+        let n = if batch == 1 {
+            count.min(100_000)
+        } else {
+            count
+        };
         let plugin = Arc::new(LoadedPlugin::load(
             "fraud_rule",
             wasm,

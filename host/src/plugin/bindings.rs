@@ -8,9 +8,9 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-use weir::plugin::host::Level;
+use self::weir::plugin::host::Level;
 
-impl weir::plugin::host::Host for StoreState {
+impl self::weir::plugin::host::Host for StoreState {
     fn log(&mut self, level: Level, message: String) {
         let plugin = &*self.plugin;
         // A plugin's message is its own text: cap it so that a chatty plugin cannot flood
@@ -38,4 +38,4 @@ impl weir::plugin::host::Host for StoreState {
     }
 }
 
-impl weir::plugin::types::Host for StoreState {}
+impl self::weir::plugin::types::Host for StoreState {}

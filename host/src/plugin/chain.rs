@@ -68,5 +68,11 @@ impl Chain {
 
 fn table_of(doc: &str) -> Option<String> {
     let v: Value = serde_json::from_str(doc).ok()?;
-    Some(v.get("_meta")?.get("source")?.get("table")?.as_str()?.to_string())
+    Some(
+        v.get("_meta")?
+            .get("source")?
+            .get("table")?
+            .as_str()?
+            .to_string(),
+    )
 }

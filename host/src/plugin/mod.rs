@@ -553,7 +553,13 @@ impl PluginInstance {
 /// `_meta.source.lsn` of a document, if it has one.
 fn document_lsn(doc: &str) -> Option<String> {
     let v: Value = serde_json::from_str(doc).ok()?;
-    Some(v.get("_meta")?.get("source")?.get("lsn")?.as_str()?.to_string())
+    Some(
+        v.get("_meta")?
+            .get("source")?
+            .get("lsn")?
+            .as_str()?
+            .to_string(),
+    )
 }
 
 /// Names the kind of a trap and a message a person can act on.

@@ -7,8 +7,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{Deterministic, WasiCtx, WasiCtxView, WasiView};
 
-use super::state::PluginState;
 use super::Limits;
+use super::state::PluginState;
 
 /// Data of one plugin instance's store.
 pub struct StoreState {
@@ -56,14 +56,24 @@ impl wasmtime_wasi::HostMonotonicClock for StoppedClock {
 
 impl StoreState {
     /// A store for `plugin` with `memory_bytes` of linear memory at most.
-    pub fn new(plugin: Arc<str>, memory_bytes: usize, state: PluginState, grants: &Limits) -> StoreState {
+    pub fn new(
+        plugin: Arc<str>,
+        memory_bytes: usize,
+        state: PluginState,
+        grants: &Limits,
+    ) -> StoreState {
         // No environment, arguments, preopened folders, sockets or stdio; unless granted,
         // clocks stopped and randomness seeded, so that a plugin computes the same thing on
         // every replay.
         let mut builder = WasiCtx::builder();
-        builder.allow_ip_name_lookup(false).allow_tcp(false).allow_udp(false);
+        builder
+            .allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false);
         if !grants.allow_clock {
-            builder.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
+            builder
+                .wall_clock(StoppedClock)
+                .monotonic_clock(StoppedClock);
         }
         if !grants.allow_random {
             builder

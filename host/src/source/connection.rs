@@ -50,27 +50,45 @@ impl std::fmt::Debug for ConnectionSettings {
 impl ConnectionSettings {
     /// Reads the settings of `[source]`, resolving the password.
     pub fn from_config(cfg: &SourceConfig) -> Result<Self, SourceError> {
-        let parsed: tokio_postgres::Config = cfg.url.parse().map_err(|e| {
-            SourceError::Settings(format!(
-                "source.url `{}` is not a PostgreSQL URL ({e}); expected postgres://user@host:port/database",
-                crate::config::redact_url(&cfg.url)
-            ))
-        })?;
-        let host = match parsed.get_hosts() {
-            [] => "localhost".to_string(),
-            [Host::Tcp(h)] => h.clone(),
-            [Host::Unix(p)] => p.display().to_string(),
-            _ => {
+        let parsed: tokio_postgres::Config = if cfg.url.is_empty() {
+            tokio_postgres::Config::new()
+        } else {
+            cfg.url.parse().map_err(|e| {
+                SourceError::Settings(format!(
+                    "source.url `{}` is not a PostgreSQL URL ({e}); expected postgres://user@host:port/database",
+                    crate::config::redact_url(&cfg.url)
+                ))
+            })?
+        };
+        let host = match (&cfg.host, parsed.get_hosts()) {
+            (Some(h), _) => h.clone(),
+            (None, []) => "localhost".to_string(),
+            (None, [Host::Tcp(h)]) => h.clone(),
+            (None, [Host::Unix(p)]) => p.display().to_string(),
+            (None, _) => {
                 return Err(SourceError::Settings(
                     "source.url names several hosts; give one".into(),
                 ));
             }
         };
-        let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let user = parsed.get_user().map(str::to_string).ok_or_else(|| {
-            SourceError::Settings("source.url has no user: write postgres://user@host/db".into())
-        })?;
-        let database = parsed.get_dbname().unwrap_or(&user).to_string();
+        let port = cfg
+            .port
+            .or(parsed.get_ports().first().copied())
+            .unwrap_or(5432);
+        let user = cfg
+            .user
+            .clone()
+            .or(parsed.get_user().map(str::to_string))
+            .ok_or_else(|| {
+                SourceError::Settings(
+                    "no user: write postgres://user@host/db or set source.user".into(),
+                )
+            })?;
+        let database = cfg
+            .database
+            .clone()
+            .or(parsed.get_dbname().map(str::to_string))
+            .unwrap_or_else(|| user.clone());
         let password = resolve_password(cfg, parsed.get_password())?;
         Ok(ConnectionSettings {
             host,
