@@ -7,9 +7,7 @@
 //! stop it: the failure is recorded (for the dead-letter table) and the document goes on
 //! unchanged.
 
-use serde_json::Value;
-
-use super::{Emitted, Failure, PluginInstance};
+use super::{Emitted, Failure, PluginInstance, source_field};
 
 /// What a chain makes of a batch.
 #[derive(Debug, Default)]
@@ -40,7 +38,8 @@ impl Chain {
 
     /// Runs a batch of documents (JSON) through every plugin.
     pub fn process(&mut self, documents: Vec<String>) -> ChainOutput {
-        let tables: Vec<Option<String>> = documents.iter().map(|d| table_of(d)).collect();
+        let tables: Vec<Option<String>> =
+            documents.iter().map(|d| source_field(d, "table")).collect();
         let mut out = ChainOutput {
             documents,
             ..ChainOutput::default()
@@ -64,15 +63,4 @@ impl Chain {
         }
         out
     }
-}
-
-fn table_of(doc: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(doc).ok()?;
-    Some(
-        v.get("_meta")?
-            .get("source")?
-            .get("table")?
-            .as_str()?
-            .to_string(),
-    )
 }

@@ -413,7 +413,7 @@ impl PluginInstance {
         // Failures are rare: only then is the document read again for its LSN.
         for (outcome, doc) in out.iter_mut().zip(documents) {
             if let Err(f) = outcome {
-                f.lsn = document_lsn(doc);
+                f.lsn = source_field(doc, "lsn");
             }
         }
         out
@@ -550,16 +550,11 @@ impl PluginInstance {
     }
 }
 
-/// `_meta.source.lsn` of a document, if it has one.
-fn document_lsn(doc: &str) -> Option<String> {
+/// A text field of a document's `_meta.source` (`lsn`, `table`), if it has one.
+fn source_field(doc: &str, field: &str) -> Option<String> {
     let v: Value = serde_json::from_str(doc).ok()?;
-    Some(
-        v.get("_meta")?
-            .get("source")?
-            .get("lsn")?
-            .as_str()?
-            .to_string(),
-    )
+    let text = v.get("_meta")?.get("source")?.get(field)?.as_str()?;
+    Some(text.to_string())
 }
 
 /// Names the kind of a trap and a message a person can act on.

@@ -2,14 +2,14 @@
 //! only when the call succeeds, so a trapped batch leaves no trace and its replay (one
 //! document at a time) computes the same thing.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// Committed values plus the writes of the call in progress.
 #[derive(Debug, Default, Clone)]
 pub struct PluginState {
-    committed: BTreeMap<String, Vec<u8>>,
+    committed: HashMap<String, Vec<u8>>,
     /// `None` marks a delete.
-    pending: BTreeMap<String, Option<Vec<u8>>>,
+    pending: HashMap<String, Option<Vec<u8>>>,
 }
 
 impl PluginState {

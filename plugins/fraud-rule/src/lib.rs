@@ -92,6 +92,22 @@ fn cents(v: f64) -> f64 {
 }
 
 impl FraudRule {
+    /// Scores a transaction against the user's earlier ones, then counts it in.
+    fn record(&self, doc: &Document, tx: i64) -> Result<Output, String> {
+        let user = field(doc, "user_id")? as i64;
+        let amount = field(doc, "amount")?;
+        let out = self.score(doc, tx, user, amount);
+        adjust(user, 1, amount);
+        state::set_json(
+            &tx_key(tx),
+            &Seen {
+                user_id: user,
+                amount,
+            },
+        );
+        Ok(out)
+    }
+
     fn score(&self, doc: &Document, tx: i64, user: i64, amount: f64) -> Output {
         let stats: UserStats = state::get_json(&user_key(user)).unwrap_or_default();
         let avg = if stats.count > 0 {
@@ -145,23 +161,8 @@ impl Plugin for FraudRule {
             .get_i64("transaction_id")
             .ok_or("transaction has no `transaction_id`")?;
         match doc.op() {
-            Some(Op::Insert | Op::Read) => {
-                let user = field(doc, "user_id")? as i64;
-                let amount = field(doc, "amount")?;
-                let out = self.score(doc, tx, user, amount);
-                adjust(user, 1, amount);
-                state::set_json(
-                    &tx_key(tx),
-                    &Seen {
-                        user_id: user,
-                        amount,
-                    },
-                );
-                Ok(vec![out])
-            }
+            Some(Op::Insert | Op::Read) => Ok(vec![self.record(doc, tx)?]),
             Some(Op::Update) => {
-                let user = field(doc, "user_id")? as i64;
-                let amount = field(doc, "amount")?;
                 // The old version: our own record, else the before-image.
                 let old: Option<Seen> = state::get_json(&tx_key(tx)).or_else(|| {
                     let b = doc.before()?;
@@ -176,16 +177,7 @@ impl Plugin for FraudRule {
                 if let Some(old) = &old {
                     adjust(old.user_id, -1, -old.amount);
                 }
-                let out = self.score(doc, tx, user, amount);
-                adjust(user, 1, amount);
-                state::set_json(
-                    &tx_key(tx),
-                    &Seen {
-                        user_id: user,
-                        amount,
-                    },
-                );
-                Ok(vec![out])
+                Ok(vec![self.record(doc, tx)?])
             }
             Some(Op::Delete) => {
                 if let Some(old) = state::get_json::<Seen>(&tx_key(tx)) {
