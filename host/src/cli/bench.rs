@@ -259,7 +259,15 @@ fn capture(rows: u64, transactions: u64) -> Result<f64> {
 
     eprintln!("draining with weir capture...");
     let ours = measure(weir_cmd(Some(&end)))?;
-    let captured = std::fs::read_to_string(&out)?.lines().count() as u64;
+    // Counted as a stream: the benchmark process stays small, which matters because a
+    // child's peak RSS (wait4) starts from the parent's at spawn time.
+    let captured = {
+        use std::io::BufRead;
+        std::io::BufReader::new(std::fs::File::open(&out)?)
+            .lines()
+            .count() as u64
+    };
+    std::fs::remove_file(&out)?;
     if captured != rows {
         bail!("weir captured {captured} rows, expected {rows}");
     }
