@@ -3,7 +3,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -238,4 +238,121 @@ fn bad_config_fails_with_the_key_and_exit_code() {
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+}
+
+/// `weir datagen` writes the bank data with recorded anomalies; captured and scored by the
+/// fraud rule (`weir plugin test`), the injected anomalies are found and nothing else is.
+#[test]
+fn datagen_anomalies_are_found_by_the_fraud_rule() {
+    let db = TestDb::new("bank");
+    let dir = tempfile::tempdir().unwrap();
+    let url = db.cluster.url(&db.db);
+    let generated = weir()
+        .args([
+            "datagen",
+            "--url",
+            &url,
+            "--rate",
+            "2000",
+            "--operations",
+            "600",
+        ])
+        .args(["--anomaly-share", "0.1", "--seed", "7"])
+        .env("PGPASSWORD", weir::local_postgres::SUPERUSER_PASSWORD)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&generated.stderr);
+    assert!(generated.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("wrote") && stderr.contains("anomalies"),
+        "{stderr}"
+    );
+    assert_eq!(db.sql("SELECT count(*) FROM users"), "50");
+    let truth: std::collections::HashSet<i64> = db
+        .sql("SELECT transaction_id FROM weir_ground_truth")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(truth.len() > 20, "anomalies injected: {}", truth.len());
+
+    // Capture everything written so far.
+    let config = write_config(&db, dir.path(), &["public.users", "public.transactions"]);
+    let out = dir.path().join("changes.jsonl");
+    let until = db.sql("SELECT pg_current_wal_insert_lsn()");
+    let status = weir()
+        .args(["capture", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .args(["--until", &until])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Score it.
+    let scored = weir()
+        .args(["plugin", "test"])
+        .arg(PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm"))
+        .arg("--input")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+    let mut flagged = std::collections::HashSet::new();
+    for line in String::from_utf8(scored.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["document"]["is_anomaly"] == serde_json::json!(true) {
+            flagged.insert(v["document"]["transaction_id"].as_i64().unwrap());
+        }
+    }
+    // The anomalies the rule's definition covers: the user had an earlier transaction and
+    // no earlier anomaly (whose amount would lift the average it is compared with).
+    let mut covered = std::collections::HashSet::new();
+    let mut history: HashMap<i64, (u32, bool)> = HashMap::new();
+    for line in std::fs::read_to_string(&out).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["_meta"]["source"]["table"] != serde_json::json!("transactions") {
+            continue;
+        }
+        let (id, user) = (
+            v["transaction_id"].as_i64().unwrap(),
+            v["user_id"].as_i64().unwrap(),
+        );
+        let seen = history.entry(user).or_default();
+        let injected = truth.contains(&id);
+        if injected && seen.0 > 0 && !seen.1 {
+            covered.insert(id);
+        }
+        seen.0 += 1;
+        seen.1 |= injected;
+    }
+    let hits = flagged.intersection(&truth).count();
+    let precision = hits as f64 / flagged.len().max(1) as f64;
+    let recall = hits as f64 / truth.len() as f64;
+    eprintln!(
+        "precision {precision:.3}, recall {recall:.3} ({hits} of {} injected; {} covered by the rule's definition)",
+        truth.len(),
+        covered.len()
+    );
+    assert_eq!(
+        precision,
+        1.0,
+        "normal transactions flagged: {:?}",
+        flagged.difference(&truth).collect::<Vec<_>>()
+    );
+    let missed: Vec<_> = covered.difference(&flagged).collect();
+    assert!(
+        missed.is_empty(),
+        "covered anomalies not flagged: {missed:?}"
+    );
+    assert!(
+        covered.len() > 10,
+        "the data must exercise the rule: {}",
+        covered.len()
+    );
 }

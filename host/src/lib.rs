@@ -16,8 +16,10 @@
 //! - [`sink`]: where documents go (JSON lines files for `weir capture`).
 //! - [`config`]: the typed configuration.
 //! - [`local_postgres`]: a private PostgreSQL cluster for tests, demos and benchmarks.
+//! - [`datagen`]: the demo's bank data, with injected anomalies recorded as ground truth.
 
 pub mod config;
+pub mod datagen;
 pub mod decode;
 pub mod document;
 pub mod local_postgres;

@@ -159,13 +159,18 @@ fn flush(sink: &mut JsonLinesSink, capture: &Capture) -> Result<()> {
     Ok(())
 }
 
-/// Starts a private PostgreSQL with a small bank schema, writes a few transactions a
-/// second into it, and captures them until Ctrl-C.
+/// Starts a private PostgreSQL with the bank schema, writes a few transactions a second
+/// into it (`weir datagen`'s generator), and captures them until Ctrl-C.
 pub async fn demo(out: PathBuf) -> Result<ExitCode> {
     weir::source::install_crypto_provider();
     let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
     pg.create_database("bank")?;
-    pg.psql("bank", DEMO_SCHEMA)
+    let (client, conn) =
+        tokio_postgres::connect(&pg.url_with_password("bank"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let settings = weir::datagen::Settings::default();
+    weir::datagen::prepare(&client, &settings)
+        .await
         .context("creating the demo tables")?;
     eprintln!(
         "private PostgreSQL on port {} (database bank); changes go to {}",
@@ -174,22 +179,9 @@ pub async fn demo(out: PathBuf) -> Result<ExitCode> {
     );
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(weir::sink::jsonl::checkpoint_path(&out));
-    let (client, conn) =
-        tokio_postgres::connect(&pg.url_with_password("bank"), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
     let writer = tokio::spawn(async move {
-        let mut i: i64 = 0;
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            i += 1;
-            let user = i % 20 + 1;
-            let amount = format!("{}.{:02}", 10 + (i * 37) % 200, i % 100);
-            let sql = format!(
-                "INSERT INTO transactions (user_id, transaction_date, amount) VALUES ({user}, now(), {amount})"
-            );
-            if client.batch_execute(&sql).await.is_err() {
-                break;
-            }
+        if let Err(e) = weir::datagen::run(&client, &settings, std::future::pending()).await {
+            tracing::warn!(error = %e, "demo data generator stopped");
         }
     });
     let mut source = SourceConfig::new(
@@ -203,23 +195,3 @@ pub async fn demo(out: PathBuf) -> Result<ExitCode> {
     eprintln!("stopped; {} holds the captured changes", out.display());
     Ok(ExitCode::SUCCESS)
 }
-
-const DEMO_SCHEMA: &str = "
-CREATE TABLE users (
-  user_id serial PRIMARY KEY,
-  name text NOT NULL,
-  email text NOT NULL,
-  registration_date date NOT NULL DEFAULT current_date
-);
-CREATE TABLE transactions (
-  transaction_id bigserial PRIMARY KEY,
-  user_id int NOT NULL REFERENCES users,
-  transaction_date timestamptz NOT NULL,
-  amount numeric(12,2) NOT NULL
-);
-INSERT INTO users (name, email)
-  SELECT 'user ' || i, 'user' || i || '@example.com' FROM generate_series(1, 20) i;
-INSERT INTO transactions (user_id, transaction_date, amount)
-  SELECT 1 + i % 20, now() - (i || ' minutes')::interval, 10 + (i * 7) % 150
-  FROM generate_series(1, 200) i;
-";

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_plugin;
 mod capture;
+mod datagen;
 mod plugin;
 
 use std::path::PathBuf;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Capture changes from PostgreSQL into a JSON lines file (or standard output).
     Capture(capture::CaptureArgs),
+    /// Write the demo's bank data (users, transactions, injected anomalies) at a steady rate.
+    Datagen(datagen::DatagenArgs),
     /// Work with plugins.
     Plugin {
         #[command(subcommand)]
@@ -53,6 +56,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         match cli.command {
             Command::Capture(args) => capture::run(args).await,
+            Command::Datagen(args) => datagen::run(args).await,
             Command::Bench { which } => bench::run(which).await,
             Command::Demo { out } => capture::demo(out).await,
             Command::Plugin { .. } => unreachable!("handled above"),
