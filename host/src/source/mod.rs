@@ -207,12 +207,19 @@ impl Capture {
             ack: ack_rx,
             stop: stop_rx,
             reported: reported_tx,
-            builder: ChangeBuilder::new(types),
+            builder: ChangeBuilder::new(types.clone()),
             resume_at,
             delivered: resume_at,
             stop_at: opts.stop_at,
+            skipped_through: Lsn::ZERO,
         };
-        let task = tokio::spawn(worker.run(repl, client, tables, backfill));
+        let backfill = backfill.map(|(snapshot, point)| Backfill {
+            snapshot,
+            consistent_point: point,
+            tables,
+            types,
+        });
+        let task = tokio::spawn(worker.run(repl, client, backfill));
         Ok(Capture {
             events: rx,
             ready: Default::default(),
@@ -329,6 +336,14 @@ impl Outbox {
     }
 }
 
+/// What the backfill needs: the exported snapshot and what was read about the tables.
+struct Backfill {
+    snapshot: String,
+    consistent_point: Lsn,
+    tables: Vec<relation::TableInfo>,
+    types: crate::decode::TypeRegistry,
+}
+
 struct Worker {
     slot: String,
     events: Outbox,
@@ -342,6 +357,8 @@ struct Worker {
     delivered: Lsn,
     /// Where to stop.
     stop_at: Option<Lsn>,
+    /// End of the last transaction skipped as already durable (acknowledged by us).
+    skipped_through: Lsn,
 }
 
 impl Worker {
@@ -349,10 +366,9 @@ impl Worker {
         mut self,
         mut repl: ReplicationClient,
         client: tokio_postgres::Client,
-        tables: Vec<relation::TableInfo>,
-        backfill: Option<(String, Lsn)>,
+        backfill: Option<Backfill>,
     ) -> Result<(), SourceError> {
-        let result = self.run_inner(&mut repl, client, tables, backfill).await;
+        let result = self.run_inner(&mut repl, client, backfill).await;
         self.finish(&mut repl).await;
         match result {
             // The consumer sees the error as its next event; when it is gone, whoever
@@ -369,11 +385,15 @@ impl Worker {
         &mut self,
         repl: &mut ReplicationClient,
         client: tokio_postgres::Client,
-        tables: Vec<relation::TableInfo>,
-        backfill: Option<(String, Lsn)>,
+        backfill: Option<Backfill>,
     ) -> Result<(), SourceError> {
-        if let Some((snapshot, consistent_point)) = backfill {
-            let registry = setup::load_types(&client, &tables).await?;
+        if let Some(Backfill {
+            snapshot,
+            consistent_point,
+            tables,
+            types: registry,
+        }) = backfill
+        {
             backfill::copy_tables(
                 &client,
                 &snapshot,
@@ -485,6 +505,7 @@ impl Worker {
                             // Durable downstream already: acknowledge right away.
                             tracing::debug!(lsn = %Lsn::from(lsn), "skipped a transaction delivered before the restart");
                             repl.update_applied_lsn(end_lsn);
+                            self.skipped_through = position;
                         }
                         _ => {
                             self.events
@@ -510,7 +531,7 @@ impl Worker {
                     }
                     // Idle: when everything delivered is acknowledged, the server's position
                     // can be acknowledged too, so WAL of unrelated activity is not retained.
-                    let acked = *self.ack.borrow();
+                    let acked = (*self.ack.borrow()).max(self.skipped_through);
                     if txn.is_none() && acked >= self.delivered && acked > Lsn::ZERO {
                         let wal_end = Lsn::from(wal_end);
                         if wal_end > acked {
