@@ -200,39 +200,39 @@ fn ids_len(out: &Path) -> usize {
         .unwrap_or(0)
 }
 
-#[test]
-fn bad_config_fails_with_the_key_and_exit_code() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\ntables = [\"t\"]\npublicaton = \"x\"\n",
-    )
-    .unwrap();
+/// Runs `weir capture` with `config` as its file; returns whether it succeeded and stderr.
+fn capture_with_config(dir: &Path, config: &str) -> (bool, String) {
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, config).unwrap();
     let out = weir()
         .args(["capture", "--config"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_fails_with_the_key_and_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stderr) = capture_with_config(
+        dir.path(),
+        "[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\ntables = [\"t\"]\npublicaton = \"x\"\n",
+    );
+    assert!(!ok);
     assert!(
         stderr.contains("publicaton") && stderr.contains("bad.toml"),
         "{stderr}"
     );
 
-    std::fs::write(
-        &path,
+    let (ok, stderr) = capture_with_config(
+        dir.path(),
         "[source]\nurl = \"postgres://u:hunter2@127.0.0.1:1/db\"\ntables = [\"t\"]\n",
-    )
-    .unwrap();
-    let out = weir()
-        .args(["capture", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    );
+    assert!(!ok);
     assert!(
         stderr.contains("cannot connect to PostgreSQL at 127.0.0.1:1"),
         "{stderr}"

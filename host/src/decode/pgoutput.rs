@@ -448,7 +448,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn relation() -> Vec<u8> {
+    /// A Relation message: table OID 16384, `public.users (id int4 key, email text)`.
+    pub(crate) fn relation() -> Vec<u8> {
         Builder::tag(b'R')
             .u32(16384)
             .cstr("public")
@@ -466,7 +467,8 @@ pub(crate) mod tests {
             .0
     }
 
-    fn update_with_old_key() -> Vec<u8> {
+    /// An update of that table: old key 1, new key 2, `email` unchanged TOAST.
+    pub(crate) fn update_with_old_key() -> Vec<u8> {
         Builder::tag(b'U')
             .u32(16384)
             .u8(b'K')
