@@ -16,12 +16,168 @@ pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 200;
 /// Default connect timeout, in seconds.
 pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 10;
 
+/// Default lake location: a folder next to where weir runs.
+pub const DEFAULT_LAKE_URL: &str = "./lake";
+/// Default update delay: commit as soon as possible.
+pub const DEFAULT_UPDATE_DELAY: &str = "0s";
+/// Default row limit of one Delta commit.
+pub const DEFAULT_MAX_BATCH_ROWS: usize = 100_000;
+/// Default size limit of one Delta commit (JSON bytes of its changes).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
+/// Default number of commits between two Delta log checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 100;
+/// Default catalog name under which `weir query` shows the lake's tables.
+pub const DEFAULT_CATALOG: &str = "weir";
+/// Default schema name under which `weir query` shows the lake's tables.
+pub const DEFAULT_SCHEMA: &str = "default";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The PostgreSQL database to capture.
     pub source: SourceConfig,
+    /// Where and how changes land in Delta Lake.
+    #[serde(default)]
+    pub lake: LakeConfig,
+}
+
+/// How a replica applies a delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeleteMode {
+    /// The row is removed from the replica.
+    #[default]
+    Hard,
+    /// The row stays, with `_deleted = true`.
+    Soft,
+}
+
+/// The `[lake]` table: the Delta tables changes land in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeConfig {
+    /// Folder or object-store URL holding one Delta table per sub-folder.
+    #[serde(default = "default_lake_url")]
+    pub url: String,
+    /// Names this pipeline in the Delta tables' application transactions (default: the
+    /// slot name). Two pipelines writing one lake need different names.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    /// How long changes may wait before they are committed (`"0s"`, `"250ms"`, `"1s"`,
+    /// `"1m"`): longer means fewer, larger Delta commits.
+    #[serde(default = "default_update_delay")]
+    pub update_delay: String,
+    /// A commit closes (at a transaction boundary) once it holds this many changes.
+    #[serde(default = "default_max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// A commit closes (at a transaction boundary) once its changes are this large (bytes).
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// Delete mode of every replica unless a table says otherwise.
+    #[serde(default)]
+    pub delete: DeleteMode,
+    /// Whether every source table also gets a change log, unless a table says otherwise.
+    #[serde(default)]
+    pub change_log: bool,
+    /// Commits between two checkpoints of a Delta table's log.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// Catalog name for `weir query` (``SELECT * FROM `catalog`.`schema`.`table` ``).
+    #[serde(default = "default_catalog")]
+    pub catalog: String,
+    /// Schema name for `weir query`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Per source table (`schema.table`) settings.
+    #[serde(default)]
+    pub tables: std::collections::BTreeMap<String, LakeTableConfig>,
+}
+
+/// `[lake.tables."schema.table"]`: one source table's Delta tables.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeTableConfig {
+    /// Name of the replica's folder and query name (default: the table name, prefixed
+    /// with `schema_` outside `public`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Delete mode of this replica.
+    #[serde(default)]
+    pub delete: Option<DeleteMode>,
+    /// Whether this table gets a change log (`<name>_changes`).
+    #[serde(default)]
+    pub change_log: Option<bool>,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        LakeConfig {
+            url: default_lake_url(),
+            pipeline: None,
+            update_delay: default_update_delay(),
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            delete: DeleteMode::Hard,
+            change_log: false,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            catalog: default_catalog(),
+            schema: default_schema(),
+            tables: Default::default(),
+        }
+    }
+}
+
+impl LakeConfig {
+    /// The update delay as a duration.
+    pub fn update_delay(&self) -> Result<std::time::Duration, String> {
+        parse_duration(&self.update_delay)
+    }
+}
+
+/// Parses `"0"`, `"250ms"`, `"1s"`, `"1.5s"`, `"2m"`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: write e.g. \"0s\", \"250ms\", \"1s\""))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        _ => {
+            return Err(format!(
+                "`{text}` has an unknown unit `{unit}`: use ms, s or m"
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn default_lake_url() -> String {
+    DEFAULT_LAKE_URL.into()
+}
+fn default_update_delay() -> String {
+    DEFAULT_UPDATE_DELAY.into()
+}
+fn default_max_batch_rows() -> usize {
+    DEFAULT_MAX_BATCH_ROWS
+}
+fn default_max_batch_bytes() -> usize {
+    DEFAULT_MAX_BATCH_BYTES
+}
+fn default_checkpoint_interval() -> u64 {
+    DEFAULT_CHECKPOINT_INTERVAL
+}
+fn default_catalog() -> String {
+    DEFAULT_CATALOG.into()
+}
+fn default_schema() -> String {
+    DEFAULT_SCHEMA.into()
 }
 
 /// How TLS is used towards PostgreSQL.
@@ -254,6 +410,25 @@ impl Config {
                 "source.status_interval_ms must be at least 1".into(),
             ));
         }
+        let lake = &self.lake;
+        lake.update_delay()
+            .map_err(|e| invalid(format!("lake.update_delay: {e}")))?;
+        if lake.max_batch_rows == 0 || lake.max_batch_bytes == 0 || lake.checkpoint_interval == 0 {
+            return Err(invalid(
+                "lake.max_batch_rows, lake.max_batch_bytes and lake.checkpoint_interval must be at least 1".into(),
+            ));
+        }
+        for table in lake.tables.keys() {
+            let known = src
+                .tables
+                .iter()
+                .any(|t| t == table || (!t.contains('.') && format!("public.{t}") == *table));
+            if !known {
+                return Err(invalid(format!(
+                    "[lake.tables.\"{table}\"] names a table that is not in source.tables; write it as `schema.table`"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -271,6 +446,50 @@ mod tests {
             ["public.users", "public.transactions"]
         );
         assert_eq!(config.source.slot, "weir");
+        assert_eq!(config.lake.url, "./lake");
+        assert_eq!(
+            config.lake.update_delay().unwrap(),
+            std::time::Duration::ZERO
+        );
+        let t = &config.lake.tables["public.transactions"];
+        assert_eq!(t.delete, Some(DeleteMode::Soft));
+        assert_eq!(t.change_log, Some(true));
+    }
+
+    #[test]
+    fn durations_and_lake_keys_are_checked() {
+        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
+        assert_eq!(parse_duration("1.5s").unwrap().as_millis(), 1500);
+        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
+        assert!(parse_duration("soon").is_err());
+        let base = "[source]\nurl = \"postgres://a@b/c\"\ntables = [\"public.t\"]\n";
+        let err = Config::parse(
+            &format!("{base}[lake]\nupdate_delay = \"1h\"\n"),
+            Path::new("w.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("lake.update_delay") && err.contains("unknown unit"),
+            "{err}"
+        );
+        let err = Config::parse(
+            &format!("{base}[lake.tables.\"public.other\"]\ndelete = \"soft\"\n"),
+            Path::new("w.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("public.other") && err.contains("not in source.tables"),
+            "{err}"
+        );
+        let err = Config::parse(
+            &format!("{base}[lake]\ndelete = \"maybe\"\n"),
+            Path::new("w.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("maybe"), "{err}");
     }
 
     #[test]

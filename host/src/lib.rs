@@ -13,7 +13,10 @@
 //! - [`decode`]: pgoutput messages and the text form of values, never panicking on input.
 //! - [`document`]: the change document every later stage sees.
 //! - [`plugin`]: the WASM plugin host (wasmtime, component model), sandboxed and limited.
-//! - [`sink`]: where documents go (JSON lines files for `weir capture`).
+//! - [`sink`]: where documents go: Delta tables (replica, change log) with the source
+//!   position in every commit; JSON lines files for `weir capture`.
+//! - [`pipeline`]: capture → sink with update delay, group commit and the checkpoint.
+//! - [`query`]: SQL over the lake (DataFusion).
 //! - [`config`]: the typed configuration.
 //! - [`local_postgres`]: a private PostgreSQL cluster for tests, demos and benchmarks.
 //! - [`datagen`]: the demo's bank data, with injected anomalies recorded as ground truth.
@@ -24,7 +27,9 @@ pub mod decode;
 pub mod document;
 pub mod local_postgres;
 pub mod lsn;
+pub mod pipeline;
 pub mod plugin;
+pub mod query;
 pub mod sink;
 pub mod source;
 

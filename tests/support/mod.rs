@@ -93,7 +93,7 @@ pub async fn changes(capture: &mut Capture, n: usize) -> Vec<Value> {
             CaptureEvent::Commit { position, .. } | CaptureEvent::BackfillDone { position } => {
                 capture.acknowledge(position)
             }
-            CaptureEvent::BackfillTable { .. } => {}
+            CaptureEvent::BackfillTable { .. } | CaptureEvent::Schema(_) => {}
         }
     }
     out
@@ -109,7 +109,7 @@ pub async fn backfill(capture: &mut Capture) -> Vec<Value> {
                 capture.acknowledge(position);
                 return out;
             }
-            CaptureEvent::BackfillTable { .. } => {}
+            CaptureEvent::BackfillTable { .. } | CaptureEvent::Schema(_) => {}
             CaptureEvent::Commit { .. } => panic!("commit before the backfill was done"),
         }
     }

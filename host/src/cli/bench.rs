@@ -24,6 +24,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Changes into Delta tables against pg_recvlogical, and commit-to-Delta latency.
+    Lake {
+        /// Rows to insert into `transactions` for the throughput run.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Transactions they are spread over.
+        #[arg(long, default_value_t = 1000)]
+        transactions: u64,
+        /// Single-row transactions per second for the latency run.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Length of the latency run, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// The fraud rule as WebAssembly against the same rule compiled into weir.
     Plugin {
         /// Documents to score.
@@ -37,6 +52,15 @@ pub enum BenchCommand {
 
 pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
     match which {
+        BenchCommand::Lake {
+            rows,
+            transactions,
+            rate,
+            seconds,
+        } => {
+            super::bench_lake::throughput(rows, transactions.max(1)).await?;
+            super::bench_lake::latency(rate.max(1), seconds.max(1)).await?;
+        }
         BenchCommand::Plugin { docs, wasm } => {
             let wasm = wasm.unwrap_or_else(|| {
                 std::path::PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")

@@ -129,6 +129,7 @@ pub async fn capture_to(
                 last_flush = Instant::now();
                 tracing::info!(%position, "backfill complete; streaming");
             }
+            CaptureEvent::Schema(_) => {}
             CaptureEvent::Commit { position, .. } => {
                 sink.end_transaction(position);
                 if !capture.has_pending() || last_flush.elapsed() >= MAX_FLUSH_DELAY {

@@ -1,10 +1,13 @@
 //! Command line: parsing and dispatch. Commands live in their own modules.
 
 mod bench;
+mod bench_lake;
 mod bench_plugin;
 mod capture;
 mod datagen;
 mod plugin;
+mod query;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +26,15 @@ struct Cli {
 enum Command {
     /// Capture changes from PostgreSQL into a JSON lines file (or standard output).
     Capture(capture::CaptureArgs),
+    /// Run the pipeline: PostgreSQL changes into Delta tables, until Ctrl-C.
+    Run(run::RunArgs),
+    /// Run SQL over the lake's Delta tables.
+    Query(query::QueryArgs),
+    /// Maintain the lake's tables.
+    Lake {
+        #[command(subcommand)]
+        command: query::LakeCommand,
+    },
     /// Write the demo's bank data (users, transactions, injected anomalies) at a steady rate.
     Datagen(datagen::DatagenArgs),
     /// Work with plugins.
@@ -50,12 +62,27 @@ pub fn run() -> anyhow::Result<ExitCode> {
     if let Command::Plugin { command } = cli.command {
         return plugin::run(command);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // The capture alone is fastest on one thread; the lake's commits (DataFusion merges,
+    // Parquet encoding) want the cores while the capture keeps reading.
+    let lake_work = matches!(
+        cli.command,
+        Command::Run(_) | Command::Query(_) | Command::Lake { .. } | Command::Bench { .. }
+    );
+    let runtime = if lake_work {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(async move {
         match cli.command {
             Command::Capture(args) => capture::run(args).await,
+            Command::Run(args) => run::run(args).await,
+            Command::Query(args) => query::query(args).await,
+            Command::Lake { command } => query::lake(command).await,
             Command::Datagen(args) => datagen::run(args).await,
             Command::Bench { which } => bench::run(which).await,
             Command::Demo { out } => capture::demo(out).await,

@@ -1,12 +1,14 @@
 //! The initial copy: every table read inside the snapshot the slot exported, so that the
 //! copy and the stream meet without a gap or an overlap.
 
+use std::sync::Arc;
+
 use futures_util::StreamExt;
 use pgwire_replication::ReplicationClient;
 
 use super::changes::backfill_row;
 use super::error::SourceError;
-use super::relation::{ColumnInfo, TableInfo};
+use super::relation::{ColumnInfo, Relation, TableInfo};
 use super::{CaptureEvent, Outbox};
 use crate::decode::TypeRegistry;
 use crate::decode::value::unescape_copy_field;
@@ -84,6 +86,13 @@ pub async fn copy_tables(
                 table: format!("{}.{}", table.schema, table.name),
                 estimated_rows: estimate.get::<_, i64>(0) as u64,
             })
+            .await?;
+        events
+            .push(CaptureEvent::Schema(Arc::new(Relation {
+                schema: table.schema.clone(),
+                table: table.name.clone(),
+                columns: columns.clone(),
+            })))
             .await?;
         if columns.is_empty() {
             continue;
@@ -166,7 +175,7 @@ async fn table_columns(
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, \
-               coalesce(a.attnum = ANY (i.indkey), false) \
+               coalesce(a.attnum = ANY (i.indkey), false), a.atttypmod \
              FROM pg_attribute a \
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
@@ -185,6 +194,7 @@ async fn table_columns(
             ColumnInfo {
                 name: r.get::<_, String>(0).into(),
                 type_id,
+                type_modifier: r.get(3),
                 kind: types.kind(type_id),
                 key: r.get(2),
             }

@@ -38,6 +38,9 @@ pub struct Transaction {
 pub struct ChangeBuilder {
     relations: HashMap<u32, Arc<Relation>>,
     types: TypeRegistry,
+    /// Primary key columns by table OID, from the catalog: with `REPLICA IDENTITY FULL`
+    /// pgoutput flags every column as key, but the row's key is still the primary key.
+    primary_keys: HashMap<u32, Vec<Arc<str>>>,
 }
 
 /// What a decoded message means for the stream.
@@ -45,16 +48,19 @@ pub struct ChangeBuilder {
 pub enum Decoded {
     /// Documents to deliver (one per row; one per table for TRUNCATE).
     Documents(Vec<ChangeDocument>),
-    /// Nothing to deliver (schema and bookkeeping messages).
+    /// A table's shape, new or changed (a Relation message).
+    Schema(Arc<Relation>),
+    /// Nothing to deliver (bookkeeping messages).
     Nothing,
 }
 
 impl ChangeBuilder {
     /// A builder that resolves custom types with `types`.
-    pub fn new(types: TypeRegistry) -> Self {
+    pub fn new(types: TypeRegistry, primary_keys: HashMap<u32, Vec<Arc<str>>>) -> Self {
         ChangeBuilder {
             relations: HashMap::new(),
             types,
+            primary_keys,
         }
     }
 
@@ -68,24 +74,27 @@ impl ChangeBuilder {
                 columns,
                 ..
             } => {
+                let pk = self.primary_keys.get(&id).filter(|pk| !pk.is_empty());
                 let columns = columns
                     .iter()
                     .map(|c| ColumnInfo {
                         name: c.name.into(),
                         type_id: c.type_id,
+                        type_modifier: c.type_modifier,
                         kind: self.types.kind(c.type_id),
-                        key: c.key,
+                        key: match pk {
+                            Some(pk) => pk.iter().any(|k| **k == *c.name),
+                            None => c.key,
+                        },
                     })
                     .collect();
-                self.relations.insert(
-                    id,
-                    Arc::new(Relation {
-                        schema: namespace.into(),
-                        table: name.into(),
-                        columns,
-                    }),
-                );
-                Ok(Decoded::Nothing)
+                let rel = Arc::new(Relation {
+                    schema: namespace.into(),
+                    table: name.into(),
+                    columns,
+                });
+                self.relations.insert(id, rel.clone());
+                Ok(Decoded::Schema(rel))
             }
             Message::Insert { relation, new } => {
                 let rel = self.relation(relation)?;

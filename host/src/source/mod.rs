@@ -73,6 +73,10 @@ pub enum CaptureEvent {
         /// PostgreSQL's estimate of its row count.
         estimated_rows: u64,
     },
+    /// A table's shape: before the backfill copies it, and whenever PostgreSQL sends a
+    /// Relation message (before a table's first change of a session, and after every
+    /// `ALTER TABLE`). Changes of a table always come after its schema.
+    Schema(std::sync::Arc<relation::Relation>),
     /// A change (or a backfilled row).
     Change(ChangeDocument),
     /// The backfill is complete: acknowledging `position` records that.
@@ -207,7 +211,13 @@ impl Capture {
             ack: ack_rx,
             stop: stop_rx,
             reported: reported_tx,
-            builder: ChangeBuilder::new(types.clone()),
+            builder: ChangeBuilder::new(
+                types.clone(),
+                tables
+                    .iter()
+                    .map(|t| (t.oid, t.primary_key.clone()))
+                    .collect(),
+            ),
             resume_at,
             delivered: resume_at,
             stop_at: opts.stop_at,
@@ -492,10 +502,18 @@ impl Worker {
                                 lsn: wal_start.into(),
                                 message,
                             })?;
-                    if let (Decoded::Documents(docs), false) = (decoded, *skip) {
-                        for doc in docs {
-                            self.events.push(CaptureEvent::Change(doc)).await?;
+                    match (decoded, *skip) {
+                        (Decoded::Documents(docs), false) => {
+                            for doc in docs {
+                                self.events.push(CaptureEvent::Change(doc)).await?;
+                            }
                         }
+                        // Schemas go out also inside skipped transactions: later changes
+                        // rely on them.
+                        (Decoded::Schema(rel), _) => {
+                            self.events.push(CaptureEvent::Schema(rel)).await?;
+                        }
+                        _ => {}
                     }
                 }
                 ReplicationEvent::Commit { lsn, end_lsn, .. } => {

@@ -18,6 +18,8 @@ pub struct TableInfo {
     pub replica_identity: u8,
     /// Whether a primary key exists.
     pub has_primary_key: bool,
+    /// The primary key's columns, in key order (empty without one).
+    pub primary_key: Vec<Arc<str>>,
 }
 
 impl TableInfo {
@@ -41,20 +43,24 @@ impl TableInfo {
 }
 
 /// One column of a relation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ColumnInfo {
     /// Column name.
     pub name: Arc<str>,
     /// Type OID.
     pub type_id: u32,
+    /// `atttypmod`: precision and scale of `numeric(p,s)`, length of `varchar(n)`; -1 when
+    /// none.
+    pub type_modifier: i32,
     /// How its text becomes JSON.
     pub kind: TypeKind,
-    /// Part of the replica identity.
+    /// Part of the row's key: the primary key when the table has one, else the replica
+    /// identity.
     pub key: bool,
 }
 
 /// The current shape of a table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Relation {
     /// Schema.
     pub schema: Arc<str>,

@@ -2,6 +2,7 @@
 //! what the configuration asks for.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use tokio_postgres::Client;
 
@@ -59,7 +60,11 @@ pub async fn find_tables(
         let row = client
             .query_one(
                 "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text, \
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                   ARRAY(SELECT a.attname::text FROM pg_index i \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                     WHERE i.indrelid = c.oid AND i.indisprimary \
+                     ORDER BY array_position(i.indkey::int2[], a.attnum)) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.oid = to_regclass($1)",
                 &[name],
@@ -96,6 +101,11 @@ pub async fn find_tables(
             name: row.get::<_, String>(2).into(),
             replica_identity: row.get::<_, String>(3).bytes().next().unwrap_or(b'd'),
             has_primary_key: row.get(5),
+            primary_key: row
+                .get::<_, Vec<String>>(6)
+                .into_iter()
+                .map(Arc::from)
+                .collect(),
         };
         if seen.insert(info.oid) {
             tables.push(info);

@@ -1,0 +1,64 @@
+//! `weir run`: the pipeline from a configuration file, until Ctrl-C / SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use tokio::signal::unix::{SignalKind, signal};
+
+use weir::Lsn;
+use weir::config::Config;
+use weir::pipeline::{self, RunOptions};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (`[source]`, `[lake]`).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Stop once every transaction that committed before this LSN is in the lake.
+    #[arg(long)]
+    until: Option<Lsn>,
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let stats = run_config(&config, args.until).await?;
+    eprintln!(
+        "stopped: {} changes in {} commits{}",
+        stats.changes,
+        stats.batches,
+        stats
+            .position
+            .map(|p| format!(", acknowledged up to {p}"))
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the pipeline until a signal (or `until`), stopping in order on SIGINT/SIGTERM.
+pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline::RunStats> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let signals = tokio::spawn(async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::info!("stopping: committing what is in flight");
+        let _ = stop_tx.send(true);
+        // Keep the sender alive until the pipeline is done.
+        std::future::pending::<()>().await;
+    });
+    let opts = RunOptions {
+        stop_at: until,
+        crash_after_commits: std::env::var("WEIR_CRASH_AFTER_COMMITS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        record_latency: false,
+    };
+    let result = pipeline::run(config, opts, stop_rx).await;
+    signals.abort();
+    Ok(result?)
+}

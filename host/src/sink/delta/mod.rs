@@ -1,0 +1,618 @@
+//! Delta Lake: a replica per source table (merge by key), an optional change log per
+//! table, in a lake folder or object store.
+//!
+//! # Delivery guarantee
+//!
+//! Exactly once per table. Every commit [`DeltaSink::write`] makes carries, in the same
+//! Delta commit as the data, an application transaction (`txn` action) with app id
+//! `weir:<pipeline>:<table>` and, as version, the source position (end LSN of the last
+//! source transaction) up to which that table is complete. On open, each table's version
+//! is read back; changes that committed before it are skipped for that table
+//! ([`DeltaSink::write`] filters them), so replaying a range some tables already hold
+//! writes nothing twice. The position a caller may acknowledge to PostgreSQL is the one
+//! it passed to a `write` that returned `Ok`: every table is complete up to it.
+//!
+//! Tables are created on first use from the PostgreSQL schema (see [`schema`] for the
+//! types), grow columns as the source does, and are named after the source table:
+//! `users` (`schema_table` outside `public`, or `name` in the config), change logs
+//! `<name>_changes`.
+
+pub mod replica;
+pub mod schema;
+pub mod table;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
+use serde_json::{Map, Value};
+
+use crate::config::{Config, DeleteMode, LakeConfig};
+use crate::document::{ChangeDocument, Op};
+use crate::lsn::Lsn;
+use crate::source::Resume;
+use crate::source::relation::Relation;
+use replica::{Reduced, has_key};
+use schema::{arrow_field, record_batch, to_arrow_json};
+use table::LakeTable;
+
+/// Commit LSN of the change that last wrote the row (replica) or of the change (log).
+pub const LSN: &str = "_lsn";
+/// Commit time of that change.
+pub const COMMIT_TS: &str = "_commit_ts";
+/// Soft-delete marker of a replica row.
+pub const DELETED: &str = "_deleted";
+/// Change-log column: `c`, `u`, `d`, `r`, `t`.
+pub const OP: &str = "_op";
+/// Change-log column: source transaction id.
+pub const TXID: &str = "_txid";
+/// Change-log column: position of the change in its transaction.
+pub const SEQ: &str = "_seq";
+/// Change-log column: true for backfill reads.
+pub const SNAPSHOT: &str = "_snapshot";
+/// Change-log column: the old row or key (JSON) where PostgreSQL sent it.
+pub const BEFORE: &str = "_before";
+/// Change-log column: columns whose TOAST value was not sent.
+pub const UNCHANGED: &str = "_unchanged";
+
+/// What went wrong writing the lake. Each names the table or location at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// The lake location cannot be used.
+    #[error("lake `{url}`: {reason}")]
+    Location {
+        /// The configured URL.
+        url: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A Delta operation failed.
+    #[error("{action} Delta table `{table}`: {source}")]
+    Table {
+        /// The table.
+        table: String,
+        /// What weir was doing.
+        action: String,
+        /// The library's error.
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
+    /// The table exists with a column of another type.
+    #[error(
+        "Delta table `{table}` has column `{column}` of type {found}, but the source needs {expected}. \
+         The table was created by someone else or for another source: move it away or configure another name"
+    )]
+    IncompatibleSchema {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Its type in the table.
+        found: String,
+        /// The type weir writes.
+        expected: String,
+    },
+    /// Another writer committed with this pipeline's application id.
+    #[error(
+        "Delta table `{table}`: another writer committed concurrently ({detail}). Is another weir running this pipeline?"
+    )]
+    Concurrent {
+        /// The table.
+        table: String,
+        /// The library's message.
+        detail: String,
+    },
+    /// An operation needs a table that does not exist.
+    #[error("Delta table `{table}` does not exist")]
+    Missing {
+        /// The table.
+        table: String,
+    },
+    /// Changes arrived for a table whose schema was never announced.
+    #[error("changes for `{table}` arrived before its schema")]
+    NoSchema {
+        /// `schema.table`.
+        table: String,
+    },
+    /// Rows could not be converted to Arrow.
+    #[error("converting rows for Delta table `{table}`: {source}")]
+    Arrow {
+        /// The table.
+        table: String,
+        /// The library's error.
+        #[source]
+        source: deltalake::arrow::error::ArrowError,
+    },
+}
+
+/// Where the lake is.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    /// The folder (as a `file://` URL) or object-store URL of the lake.
+    pub root: url::Url,
+    /// Object-store options (credentials, endpoint); never logged.
+    pub storage: HashMap<String, String>,
+}
+
+impl Lake {
+    /// Resolves a lake URL or path. Local folders are created when missing and must be
+    /// writable.
+    pub fn open(url: &str, create: bool) -> Result<Lake, DeltaError> {
+        let location = |reason: String| DeltaError::Location {
+            url: url.to_string(),
+            reason,
+        };
+        let root = if url.contains("://") && !url.starts_with("file://") {
+            let mut u = url::Url::parse(url).map_err(|e| location(e.to_string()))?;
+            if !u.path().ends_with('/') {
+                u.set_path(&format!("{}/", u.path()));
+            }
+            deltalake::aws::register_handlers(None);
+            u
+        } else {
+            let path = std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+            if create {
+                std::fs::create_dir_all(&path)
+                    .map_err(|e| location(format!("cannot create the folder: {e}")))?;
+                let probe = path.join(".weir-write-test");
+                std::fs::write(&probe, b"").map_err(|e| {
+                    location(format!(
+                        "the folder is not writable ({e}); fix its permissions or set lake.url to another folder"
+                    ))
+                })?;
+                let _ = std::fs::remove_file(probe);
+            } else if !path.is_dir() {
+                return Err(location("no such folder".into()));
+            }
+            let abs = std::fs::canonicalize(&path).map_err(|e| location(e.to_string()))?;
+            url::Url::from_directory_path(&abs)
+                .map_err(|_| location("not an absolute path".into()))?
+        };
+        Ok(Lake {
+            root,
+            storage: HashMap::new(),
+        })
+    }
+
+    /// URL of the table folder `name`.
+    pub fn table_url(&self, name: &str) -> url::Url {
+        let mut u = self.root.clone();
+        u.set_path(&format!("{}{name}/", self.root.path()));
+        u
+    }
+}
+
+/// `schema.table` as configured (`table` alone means `public.table`).
+pub fn qualified(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((s, t)) => (s.to_string(), t.to_string()),
+        None => ("public".to_string(), name.to_string()),
+    }
+}
+
+/// The replica's name for a source table.
+pub fn replica_name(cfg: &LakeConfig, schema: &str, table: &str) -> String {
+    let key = format!("{schema}.{table}");
+    if let Some(name) = cfg.tables.get(&key).and_then(|t| t.name.clone()) {
+        return name;
+    }
+    if schema == "public" {
+        table.to_string()
+    } else {
+        format!("{schema}_{table}")
+    }
+}
+
+struct SourceTable {
+    relation: Option<Arc<Relation>>,
+    replica: LakeTable,
+    changes: Option<LakeTable>,
+    delete: DeleteMode,
+}
+
+/// Work done so far, for benchmarks and the status line.
+#[derive(Debug, Clone, Default)]
+pub struct SinkStats {
+    /// Changes merged into replicas.
+    pub replica_rows: u64,
+    /// Time spent on replica commits.
+    pub replica_time: std::time::Duration,
+    /// Changes appended to change logs.
+    pub log_rows: u64,
+    /// Time spent on change-log commits.
+    pub log_time: std::time::Duration,
+    /// Delta commits made (data and position).
+    pub commits: u64,
+}
+
+/// Writes change documents into the lake, exactly once per table (see the module doc).
+pub struct DeltaSink {
+    tables: HashMap<(String, String), SourceTable>,
+    /// Work done so far.
+    pub stats: SinkStats,
+}
+
+impl DeltaSink {
+    /// Opens (without creating) every table of the configured source tables and reads
+    /// where each stands.
+    pub async fn open(config: &Config) -> Result<DeltaSink, DeltaError> {
+        let cfg = &config.lake;
+        let lake = Lake::open(&cfg.url, true)?;
+        let pipeline = cfg.pipeline.clone().unwrap_or(config.source.slot.clone());
+        let mut tables = HashMap::new();
+        for t in &config.source.tables {
+            let (schema, name) = qualified(t);
+            let key = format!("{schema}.{name}");
+            let per = cfg.tables.get(&key).cloned().unwrap_or_default();
+            let replica_name = replica_name(cfg, &schema, &name);
+            let open = |n: String| {
+                let url = lake.table_url(&n);
+                let storage = lake.storage.clone();
+                let pipeline = pipeline.clone();
+                async move {
+                    LakeTable::open(&n, url, storage, &pipeline, cfg.checkpoint_interval).await
+                }
+            };
+            let replica = open(replica_name.clone()).await?;
+            let changes = if per.change_log.unwrap_or(cfg.change_log) {
+                Some(open(format!("{replica_name}_changes")).await?)
+            } else {
+                None
+            };
+            tables.insert(
+                (schema, name),
+                SourceTable {
+                    relation: None,
+                    replica,
+                    changes,
+                    delete: per.delete.unwrap_or(cfg.delete),
+                },
+            );
+        }
+        Ok(DeltaSink {
+            tables,
+            stats: SinkStats::default(),
+        })
+    }
+
+    fn lake_tables(&self) -> impl Iterator<Item = &LakeTable> {
+        self.tables
+            .values()
+            .flat_map(|t| std::iter::once(&t.replica).chain(t.changes.as_ref()))
+    }
+
+    /// Where the capture should start: after the lowest position every table holds, or
+    /// afresh (with a backfill) when some table holds none.
+    pub fn resume(&self) -> Resume {
+        let mut lowest: Option<Lsn> = None;
+        for t in self.lake_tables() {
+            match t.version {
+                None => return Resume::Fresh,
+                Some(v) => lowest = Some(lowest.map_or(v, |l| l.min(v))),
+            }
+        }
+        lowest.map_or(Resume::Fresh, Resume::After)
+    }
+
+    /// Each table and the position it holds (`None`: nothing yet).
+    pub fn positions(&self) -> Vec<(String, Option<Lsn>)> {
+        let mut v: Vec<_> = self
+            .lake_tables()
+            .map(|t| (t.name.clone(), t.version))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Records a table's (new) shape; columns it adds are added to its tables at the
+    /// next write.
+    pub fn schema(&mut self, rel: Arc<Relation>) {
+        match self
+            .tables
+            .get_mut(&(rel.schema.to_string(), rel.table.to_string()))
+        {
+            Some(t) => t.relation = Some(rel),
+            None => {
+                tracing::warn!(schema = %rel.schema, table = %rel.table, "schema of a table that is not configured; ignored")
+            }
+        }
+    }
+
+    /// A backfill of `schema.table` starts: rows a previous, unfinished backfill left in
+    /// its tables are removed.
+    pub async fn begin_backfill(&mut self, table: &str) -> Result<(), DeltaError> {
+        let key = qualified(table);
+        if let Some(t) = self.tables.get_mut(&key) {
+            for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
+                if lt.exists() {
+                    tracing::info!(table = %lt.name, "clearing rows of an unfinished backfill");
+                    lt.delete_all(None).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `docs` (in source order) to their tables. With a `position`, every table
+    /// written records it, in the same commit: the caller may then acknowledge it. Without
+    /// one (a part of a backfill), nothing is recorded.
+    pub async fn write(
+        &mut self,
+        docs: &[ChangeDocument],
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let mut by_table: HashMap<(String, String), Vec<&ChangeDocument>> = HashMap::new();
+        for d in docs {
+            by_table
+                .entry((d.source.schema.to_string(), d.source.table.to_string()))
+                .or_default()
+                .push(d);
+        }
+        let mut keys: Vec<_> = by_table.keys().cloned().collect();
+        keys.sort();
+        for key in keys {
+            let docs = &by_table[&key];
+            let Some(t) = self.tables.get_mut(&key) else {
+                continue;
+            };
+            let rel = t.relation.clone().ok_or_else(|| DeltaError::NoSchema {
+                table: format!("{}.{}", key.0, key.1),
+            })?;
+            let fresh = |lt: &LakeTable| -> Vec<&ChangeDocument> {
+                docs.iter()
+                    .copied()
+                    .filter(|d| lt.version.is_none_or(|v| d.source.lsn >= v))
+                    .collect()
+            };
+            let for_replica = fresh(&t.replica);
+            if !for_replica.is_empty() {
+                let started = std::time::Instant::now();
+                write_replica(&mut t.replica, &rel, t.delete, &for_replica, position).await?;
+                self.stats.replica_time += started.elapsed();
+                self.stats.replica_rows += for_replica.len() as u64;
+                self.stats.commits += 1;
+            }
+            if let Some(changes) = t.changes.as_mut() {
+                let for_log = fresh(changes);
+                if !for_log.is_empty() {
+                    let started = std::time::Instant::now();
+                    write_change_log(changes, &rel, &for_log, position).await?;
+                    self.stats.log_time += started.elapsed();
+                    self.stats.log_rows += for_log.len() as u64;
+                    self.stats.commits += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `position` in every table that does not hold it yet (the end of a
+    /// backfill: also tables that had no rows), creating missing tables.
+    pub async fn complete(&mut self, position: Lsn) -> Result<(), DeltaError> {
+        for t in self.tables.values_mut() {
+            let rel = t.relation.clone();
+            let delete = t.delete;
+            let replica_fields = rel.as_ref().map(|r| replica_fields(r, delete));
+            let log_fields = rel.as_ref().map(|r| change_log_fields(r));
+            if let Some(f) = &replica_fields {
+                t.replica.ensure_fields(f).await?;
+            }
+            if let (Some(c), Some(f)) = (t.changes.as_mut(), &log_fields) {
+                c.ensure_fields(f).await?;
+            }
+            for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
+                if lt.exists() && lt.version.is_none_or(|v| v < position) {
+                    lt.commit_position(position).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compacts every table; one line per table.
+    pub async fn optimize(&mut self) -> Result<Vec<String>, DeltaError> {
+        let mut out = Vec::new();
+        for t in self.tables.values_mut() {
+            for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
+                if lt.exists() {
+                    let done = lt.optimize().await?;
+                    out.push(format!("{}: {done}", lt.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes files that no version of the last `retention_hours` uses; one line per
+    /// table.
+    pub async fn vacuum(&mut self, retention_hours: u64) -> Result<Vec<String>, DeltaError> {
+        let mut out = Vec::new();
+        for t in self.tables.values_mut() {
+            for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
+                if lt.exists() {
+                    let n = lt.vacuum(retention_hours).await?;
+                    out.push(format!("{}: {n} files deleted", lt.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn meta_timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// Columns of a replica: the source's, then `_lsn`, `_commit_ts` (and `_deleted`).
+fn replica_fields(rel: &Relation, delete: DeleteMode) -> Vec<Field> {
+    let mut fields: Vec<Field> = rel.columns.iter().map(arrow_field).collect();
+    fields.push(Field::new(LSN, DataType::Int64, true));
+    fields.push(Field::new(COMMIT_TS, meta_timestamp(), true));
+    if delete == DeleteMode::Soft {
+        fields.push(Field::new(DELETED, DataType::Boolean, true));
+    }
+    fields
+}
+
+/// Columns of a change log: the source's, then the change's metadata.
+fn change_log_fields(rel: &Relation) -> Vec<Field> {
+    let mut fields: Vec<Field> = rel.columns.iter().map(arrow_field).collect();
+    fields.extend([
+        Field::new(OP, DataType::Utf8, true),
+        Field::new(LSN, DataType::Int64, true),
+        Field::new(TXID, DataType::Int64, true),
+        Field::new(COMMIT_TS, meta_timestamp(), true),
+        Field::new(SEQ, DataType::Int64, true),
+        Field::new(SNAPSHOT, DataType::Boolean, true),
+        Field::new(BEFORE, DataType::Utf8, true),
+        Field::new(
+            UNCHANGED,
+            DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
+            true,
+        ),
+    ]);
+    fields
+}
+
+async fn write_replica(
+    lt: &mut LakeTable,
+    rel: &Relation,
+    delete: DeleteMode,
+    docs: &[&ChangeDocument],
+    position: Option<Lsn>,
+) -> Result<(), DeltaError> {
+    lt.ensure_fields(&replica_fields(rel, delete)).await?;
+    let target = lt.arrow_schema().ok_or_else(|| DeltaError::Missing {
+        table: lt.name.clone(),
+    })?;
+    let name = lt.name.clone();
+    let arrow_err = |source| DeltaError::Arrow {
+        table: name.clone(),
+        source,
+    };
+    if !has_key(rel) {
+        // No key: inserts are appended (PostgreSQL sends no updates or deletes for such
+        // tables); a truncate empties the table first.
+        let last_truncate = docs.iter().rposition(|d| d.op == Op::Truncate);
+        let rows: Vec<Map<String, Value>> = docs[last_truncate.map_or(0, |i| i + 1)..]
+            .iter()
+            .filter(|d| matches!(d.op, Op::Insert | Op::Read))
+            .map(|d| {
+                let mut row = convert_columns(d, &target);
+                row.insert(LSN.into(), Value::from(d.source.lsn.0 as i64));
+                row.insert(COMMIT_TS.into(), Value::from(d.source.ts_ms * 1000));
+                row
+            })
+            .collect();
+        if last_truncate.is_some() {
+            lt.delete_all(if rows.is_empty() { position } else { None })
+                .await?;
+        }
+        if !rows.is_empty() || last_truncate.is_none() {
+            let batch = record_batch(target.clone(), &rows).map_err(arrow_err)?;
+            lt.append(batch, position).await?;
+        }
+        return Ok(());
+    }
+    let mut reduced = Reduced::default();
+    for d in docs {
+        reduced.push(rel, d);
+    }
+    let moved = reduced.needs_stored_values();
+    if !moved.is_empty() {
+        let keys: Vec<String> = rel
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.to_string())
+            .collect();
+        for (id, values) in lt.stored_values(&keys, &moved).await? {
+            reduced.set_stored_values(&id, values);
+        }
+    }
+    let has_rows = !reduced.is_empty();
+    if let Some((lsn, _)) = reduced.truncated {
+        let pos = if has_rows { None } else { position };
+        match delete {
+            DeleteMode::Hard => lt.delete_all(pos).await?,
+            DeleteMode::Soft => lt.mark_all_deleted(pos, Lsn(lsn)).await?,
+        }
+    }
+    if has_rows {
+        let (schema, rows, plan) = reduced.into_merge(rel, &target, delete);
+        let batch = record_batch(schema, &rows).map_err(arrow_err)?;
+        lt.merge(batch, &plan, position).await?;
+    } else if reduced.truncated.is_none() {
+        if let Some(p) = position {
+            lt.commit_position(p).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A document's columns in Arrow's JSON form for the table `target`.
+fn convert_columns(
+    d: &ChangeDocument,
+    target: &deltalake::arrow::datatypes::Schema,
+) -> Map<String, Value> {
+    let mut row = Map::with_capacity(d.columns.len() + 8);
+    for (name, value) in &d.columns {
+        if let Ok(f) = target.field_with_name(name) {
+            row.insert(
+                name.to_string(),
+                to_arrow_json(value.clone(), f.data_type()),
+            );
+        }
+    }
+    row
+}
+
+async fn write_change_log(
+    lt: &mut LakeTable,
+    rel: &Relation,
+    docs: &[&ChangeDocument],
+    position: Option<Lsn>,
+) -> Result<(), DeltaError> {
+    lt.ensure_fields(&change_log_fields(rel)).await?;
+    let target = lt.arrow_schema().ok_or_else(|| DeltaError::Missing {
+        table: lt.name.clone(),
+    })?;
+    let rows: Vec<Map<String, Value>> = docs
+        .iter()
+        .map(|d| {
+            let mut row = convert_columns(d, &target);
+            let op = match d.op {
+                Op::Insert => "c",
+                Op::Update => "u",
+                Op::Delete => "d",
+                Op::Read => "r",
+                Op::Truncate => "t",
+            };
+            row.insert(OP.into(), Value::from(op));
+            row.insert(LSN.into(), Value::from(d.source.lsn.0 as i64));
+            row.insert(TXID.into(), d.source.txid.map_or(Value::Null, Value::from));
+            row.insert(COMMIT_TS.into(), Value::from(d.source.ts_ms * 1000));
+            row.insert(SEQ.into(), Value::from(d.source.seq));
+            row.insert(SNAPSHOT.into(), Value::Bool(d.source.snapshot));
+            if let Some(before) = &d.before {
+                let obj: Map<String, Value> = before
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
+                row.insert(BEFORE.into(), Value::String(Value::Object(obj).to_string()));
+            }
+            if !d.unchanged.is_empty() {
+                row.insert(
+                    UNCHANGED.into(),
+                    Value::Array(d.unchanged.iter().map(|u| Value::from(&**u)).collect()),
+                );
+            }
+            row
+        })
+        .collect();
+    let batch = record_batch(target, &rows).map_err(|source| DeltaError::Arrow {
+        table: lt.name.clone(),
+        source,
+    })?;
+    lt.append(batch, position).await
+}

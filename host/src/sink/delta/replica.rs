@@ -1,0 +1,403 @@
+//! The replica of a source table: one row per key, kept current by MERGE.
+//!
+//! A batch of changes is first reduced to the last state of each key (MERGE rejects two
+//! source rows for one target row): an insert or update is an upsert, a delete removes
+//! (or marks) the key, an update that moves a row to a new key removes the old one.
+//! Columns whose TOAST value PostgreSQL did not send keep the replica's stored value,
+//! taken from an earlier change in the same batch when there is one, else left untouched
+//! by the MERGE.
+
+use std::collections::HashMap;
+
+use deltalake::DeltaResult;
+use deltalake::arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit};
+use deltalake::operations::merge::MergeBuilder;
+use serde_json::{Map, Value};
+
+use super::schema::{project, to_arrow_json};
+use super::{COMMIT_TS, DELETED, LSN};
+use crate::config::DeleteMode;
+use crate::document::{ChangeDocument, Op};
+use crate::source::relation::Relation;
+
+/// Marks a source row of a merge: `u` upsert, `d` delete.
+const OP: &str = "__weir_op";
+/// Prefix of the per-column "TOAST value not sent" flags of a merge source.
+const UNCHANGED_PREFIX: &str = "__weir_unchanged_";
+
+/// The last state of one key within a batch.
+#[derive(Debug)]
+struct Pending {
+    delete: bool,
+    row: Map<String, Value>,
+    /// Columns whose value is not known (unchanged TOAST with no earlier value in the batch).
+    unchanged: Vec<String>,
+    /// For a row whose update moved it from another key: that key's row (its key columns),
+    /// where the unchanged columns' stored values are.
+    moved_from: Option<Map<String, Value>>,
+    /// Values read back from the table, already in Arrow's JSON form.
+    stored: Map<String, Value>,
+    lsn: u64,
+    ts_ms: i64,
+}
+
+/// Changes of one table reduced to one state per key.
+#[derive(Debug, Default)]
+pub struct Reduced {
+    /// A truncate happened (before `rows`).
+    pub truncated: Option<(u64, i64)>,
+    order: Vec<String>,
+    rows: HashMap<String, Pending>,
+}
+
+impl Reduced {
+    /// Whether there is no row to merge.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Folds `doc` (a change of the table `rel` describes) into the reduction.
+    pub fn push(&mut self, rel: &Relation, doc: &ChangeDocument) {
+        let lsn = doc.source.lsn.0;
+        let ts_ms = doc.source.ts_ms;
+        match doc.op {
+            Op::Truncate => {
+                self.rows.clear();
+                self.order.clear();
+                self.truncated = Some((lsn, ts_ms));
+            }
+            Op::Delete => {
+                let row: Map<String, Value> = doc
+                    .columns
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
+                let key = key_of(rel, &row);
+                self.set(
+                    key,
+                    Pending {
+                        delete: true,
+                        row,
+                        unchanged: Vec::new(),
+                        moved_from: None,
+                        stored: Map::new(),
+                        lsn,
+                        ts_ms,
+                    },
+                );
+            }
+            Op::Insert | Op::Update | Op::Read => {
+                let mut row: Map<String, Value> = doc
+                    .columns
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
+                let key = key_of(rel, &row);
+                // Where the row's unchanged values are: the same key, or the key an
+                // update moved it from.
+                let mut source_key = key.clone();
+                let mut moved_from = None;
+                if let Some(before) = &doc.before {
+                    let old: Map<String, Value> = before
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect();
+                    let old_key = key_of(rel, &old);
+                    if old_key != key {
+                        // The old row's state in this batch, if any, carries over.
+                        let carried =
+                            self.rows.get(&old_key).filter(|p| !p.delete).map(|p| {
+                                (p.row.clone(), p.unchanged.clone(), p.moved_from.clone())
+                            });
+                        source_key = old_key.clone();
+                        moved_from = match &carried {
+                            Some((_, _, from)) => from.clone(),
+                            None => Some(old.clone()),
+                        };
+                        self.set(
+                            old_key,
+                            Pending {
+                                delete: true,
+                                row: old,
+                                unchanged: Vec::new(),
+                                moved_from: None,
+                                stored: Map::new(),
+                                lsn,
+                                ts_ms,
+                            },
+                        );
+                        if let Some((row_before, unchanged_before, _)) = carried {
+                            self.fill_unchanged(&mut row, doc, &row_before, &unchanged_before);
+                            let unchanged = doc
+                                .unchanged
+                                .iter()
+                                .filter(|u| !row.contains_key(&***u))
+                                .map(|u| u.to_string())
+                                .collect();
+                            self.set(
+                                key,
+                                Pending {
+                                    delete: false,
+                                    row,
+                                    unchanged,
+                                    moved_from,
+                                    stored: Map::new(),
+                                    lsn,
+                                    ts_ms,
+                                },
+                            );
+                            return;
+                        }
+                    }
+                }
+                let previous = self.rows.get(&source_key).filter(|p| !p.delete);
+                let (row_before, unchanged_before) = previous
+                    .map(|p| (p.row.clone(), p.unchanged.clone()))
+                    .unwrap_or_default();
+                if moved_from.is_none() {
+                    moved_from = previous.and_then(|p| p.moved_from.clone());
+                }
+                self.fill_unchanged(&mut row, doc, &row_before, &unchanged_before);
+                let unchanged = doc
+                    .unchanged
+                    .iter()
+                    .filter(|u| !row.contains_key(&***u))
+                    .map(|u| u.to_string())
+                    .collect();
+                self.set(
+                    key,
+                    Pending {
+                        delete: false,
+                        row,
+                        unchanged,
+                        moved_from,
+                        stored: Map::new(),
+                        lsn,
+                        ts_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Copies the values of `doc`'s unchanged columns from the same row's earlier state.
+    fn fill_unchanged(
+        &self,
+        row: &mut Map<String, Value>,
+        doc: &ChangeDocument,
+        earlier: &Map<String, Value>,
+        earlier_unknown: &[String],
+    ) {
+        for name in &doc.unchanged {
+            if earlier_unknown.iter().any(|u| **u == **name) {
+                continue;
+            }
+            if let Some(v) = earlier.get(&**name) {
+                row.insert(name.to_string(), v.clone());
+            }
+        }
+    }
+
+    /// Rows moved to a new key whose unchanged values must be read from the table:
+    /// (new key, old key's row, columns).
+    pub fn needs_stored_values(&self) -> Vec<(String, Map<String, Value>, Vec<String>)> {
+        self.order
+            .iter()
+            .filter_map(|k| {
+                let p = self.rows.get(k)?;
+                let from = p.moved_from.as_ref()?;
+                (!p.delete && !p.unchanged.is_empty())
+                    .then(|| (k.clone(), from.clone(), p.unchanged.clone()))
+            })
+            .collect()
+    }
+
+    /// Supplies values read from the table (in Arrow's JSON form) for a moved row.
+    pub fn set_stored_values(&mut self, key: &str, values: Map<String, Value>) {
+        if let Some(p) = self.rows.get_mut(key) {
+            p.unchanged.retain(|u| !values.contains_key(u));
+            p.stored.extend(values);
+        }
+    }
+
+    fn set(&mut self, key: String, p: Pending) {
+        if self.rows.insert(key.clone(), p).is_none() {
+            self.order.push(key);
+        }
+    }
+
+    /// The merge source rows (JSON objects in Arrow's JSON form) and the plan for them.
+    pub fn into_merge(
+        self,
+        rel: &Relation,
+        target: &deltalake::arrow::datatypes::Schema,
+        mode: DeleteMode,
+    ) -> (SchemaRef, Vec<Map<String, Value>>, MergePlan) {
+        let mut toast: Vec<String> = Vec::new();
+        for p in self.rows.values() {
+            for u in &p.unchanged {
+                if !toast.contains(u) {
+                    toast.push(u.clone());
+                }
+            }
+        }
+        let columns: Vec<(&str, DataType)> = rel
+            .columns
+            .iter()
+            .filter_map(|c| {
+                let f = target.field_with_name(&c.name).ok()?;
+                Some((&*c.name, f.data_type().clone()))
+            })
+            .collect();
+        let mut rows = Vec::with_capacity(self.rows.len());
+        let mut all = self.rows;
+        for key in &self.order {
+            let Some(p) = all.remove(key) else { continue };
+            let mut out = Map::with_capacity(columns.len() + 4);
+            let mut src = p.row;
+            for (name, ty) in &columns {
+                if let Some(v) = src.remove(*name) {
+                    out.insert(name.to_string(), to_arrow_json(v, ty));
+                } else if let Some(v) = p.stored.get(*name) {
+                    out.insert(name.to_string(), v.clone());
+                }
+            }
+            out.insert(OP.into(), Value::from(if p.delete { "d" } else { "u" }));
+            out.insert(LSN.into(), Value::from(p.lsn as i64));
+            out.insert(COMMIT_TS.into(), Value::from(p.ts_ms * 1000));
+            for t in &toast {
+                out.insert(
+                    format!("{UNCHANGED_PREFIX}{t}"),
+                    Value::Bool(p.unchanged.contains(t)),
+                );
+            }
+            rows.push(out);
+        }
+        let mut extra = vec![
+            Field::new(OP, DataType::Utf8, false),
+            Field::new(LSN, DataType::Int64, true),
+            Field::new(
+                COMMIT_TS,
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+        ];
+        for t in &toast {
+            extra.push(Field::new(
+                format!("{UNCHANGED_PREFIX}{t}"),
+                DataType::Boolean,
+                true,
+            ));
+        }
+        let keys: Vec<String> = rel
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.to_string())
+            .collect();
+        let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+        let schema = project(target, &names, extra);
+        let plan = MergePlan {
+            predicate: keys
+                .iter()
+                .map(|k| format!("target.{q} = source.{q}", q = quote(k)))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            columns: columns.iter().map(|(n, _)| n.to_string()).collect(),
+            toast,
+            mode,
+        };
+        (schema, rows, plan)
+    }
+}
+
+/// The MERGE statement for one batch of a replica.
+#[derive(Debug, Clone)]
+pub struct MergePlan {
+    /// `target.k = source.k AND ...`
+    pub predicate: String,
+    /// Columns written.
+    columns: Vec<String>,
+    /// Columns that may carry "unchanged TOAST" flags.
+    toast: Vec<String>,
+    mode: DeleteMode,
+}
+
+impl MergePlan {
+    /// Adds the clauses: delete (or mark deleted) the `d` rows that match; update the `u`
+    /// rows that match, keeping unchanged TOAST columns; insert the `u` rows that do not.
+    pub fn apply(&self, builder: MergeBuilder) -> DeltaResult<MergeBuilder> {
+        let is_delete = format!("source.{OP} = 'd'");
+        let is_upsert = format!("source.{OP} = 'u'");
+        let builder = match self.mode {
+            DeleteMode::Hard => builder.when_matched_delete(|d| d.predicate(is_delete.clone()))?,
+            DeleteMode::Soft => builder.when_matched_update(|u| {
+                u.predicate(is_delete.clone())
+                    .update(DELETED, "true")
+                    .update(LSN, format!("source.{LSN}"))
+                    .update(COMMIT_TS, format!("source.{COMMIT_TS}"))
+            })?,
+        };
+        let builder = builder.when_matched_update(|mut u| {
+            u = u.predicate(is_upsert.clone());
+            for c in &self.columns {
+                let q = quote(c);
+                let value = if self.toast.contains(c) {
+                    format!(
+                        "CASE WHEN source.{flag} THEN target.{q} ELSE source.{q} END",
+                        flag = quote(&format!("{UNCHANGED_PREFIX}{c}"))
+                    )
+                } else {
+                    format!("source.{q}")
+                };
+                u = u.update(column(c), value);
+            }
+            u = u
+                .update(LSN, format!("source.{LSN}"))
+                .update(COMMIT_TS, format!("source.{COMMIT_TS}"));
+            if self.mode == DeleteMode::Soft {
+                u = u.update(DELETED, "false");
+            }
+            u
+        })?;
+        builder.when_not_matched_insert(|mut i| {
+            i = i.predicate(is_upsert.clone());
+            for c in &self.columns {
+                i = i.set(column(c), format!("source.{}", quote(c)));
+            }
+            i = i
+                .set(LSN, format!("source.{LSN}"))
+                .set(COMMIT_TS, format!("source.{COMMIT_TS}"));
+            if self.mode == DeleteMode::Soft {
+                i = i.set(DELETED, "false");
+            }
+            i
+        })
+    }
+}
+
+/// A column name as a merge target (never split at dots, case kept).
+fn column(name: &str) -> deltalake::datafusion::common::Column {
+    deltalake::datafusion::common::Column::new_unqualified(name)
+}
+
+/// A SQL identifier, quoted.
+pub fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The key of a row: its key columns' values, as JSON text.
+pub fn key_of(rel: &Relation, row: &Map<String, Value>) -> String {
+    let values: Vec<&Value> = rel
+        .columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| row.get(&*c.name).unwrap_or(&Value::Null))
+        .collect();
+    serde_json::to_string(&values).unwrap_or_default()
+}
+
+/// Whether a replica of `rel` can be kept by key.
+pub fn has_key(rel: &Relation) -> bool {
+    rel.columns.iter().any(|c| c.key)
+}

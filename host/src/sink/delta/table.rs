@@ -1,0 +1,534 @@
+//! One Delta table of the lake: created on first use, its schema grown as the source's
+//! grows, and every commit carrying the pipeline's application transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{StructField, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, DeltaTableError};
+
+use serde_json::{Map, Value};
+
+use super::DeltaError;
+use super::replica::quote;
+use crate::lsn::Lsn;
+
+/// Reopen a table after this many commits: the in-memory log state grows with every
+/// commit and slows the next ones (measured in FINDINGS.md).
+const REOPEN_EVERY: u64 = 100;
+
+/// A Delta table weir writes.
+pub struct LakeTable {
+    /// Folder name, also the name `weir query` shows.
+    pub name: String,
+    url: url::Url,
+    storage: HashMap<String, String>,
+    /// `None` until created.
+    table: Option<DeltaTable>,
+    /// Application id of this pipeline's transactions in this table.
+    app_id: String,
+    /// Source position up to which the table is complete (from its last txn action).
+    pub version: Option<Lsn>,
+    checkpoint_interval: u64,
+    commits_since_open: u64,
+}
+
+impl LakeTable {
+    /// Opens the table at `url` if it exists, reading this pipeline's version.
+    pub async fn open(
+        name: &str,
+        url: url::Url,
+        storage: HashMap<String, String>,
+        pipeline: &str,
+        checkpoint_interval: u64,
+    ) -> Result<LakeTable, DeltaError> {
+        let app_id = format!("weir:{pipeline}:{name}");
+        let mut t = LakeTable {
+            name: name.to_string(),
+            url,
+            storage,
+            table: None,
+            app_id,
+            version: None,
+            checkpoint_interval,
+            commits_since_open: 0,
+        };
+        t.reload().await?;
+        Ok(t)
+    }
+
+    /// The folder of a local table.
+    fn local_dir(&self) -> Option<std::path::PathBuf> {
+        (self.url.scheme() == "file")
+            .then(|| self.url.to_file_path().ok())
+            .flatten()
+    }
+
+    async fn reload(&mut self) -> Result<(), DeltaError> {
+        self.commits_since_open = 0;
+        if self
+            .local_dir()
+            .is_some_and(|d| !d.join("_delta_log").is_dir())
+        {
+            self.table = None;
+            return Ok(());
+        }
+        let table = deltalake::DeltaTableBuilder::from_url(self.url.clone())
+            .map_err(|e| self.err("opening", e))?
+            .with_storage_options(self.storage.clone())
+            .build()
+            .map_err(|e| self.err("opening", e))?;
+        let mut table = table;
+        match table.load().await {
+            Ok(()) => {
+                let version = table
+                    .snapshot()
+                    .map_err(|e| self.err("reading", e))?
+                    .transaction_version(table.log_store().as_ref(), &self.app_id)
+                    .await
+                    .map_err(|e| self.err("reading the application transaction of", e))?;
+                self.version = version.map(|v| Lsn(v as u64));
+                self.table = Some(table);
+            }
+            Err(DeltaTableError::NotATable(_)) => self.table = None,
+            Err(e) => return Err(self.err("opening", e)),
+        }
+        self.commits_since_open = 0;
+        Ok(())
+    }
+
+    fn err(&self, action: &str, source: DeltaTableError) -> DeltaError {
+        DeltaError::Table {
+            table: self.name.clone(),
+            action: action.to_string(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Whether the table exists.
+    pub fn exists(&self) -> bool {
+        self.table.is_some()
+    }
+
+    /// The table's Arrow schema (`None` before it exists).
+    pub fn arrow_schema(&self) -> Option<SchemaRef> {
+        let table = self.table.as_ref()?;
+        Some(table.snapshot().ok()?.snapshot().arrow_schema())
+    }
+
+    /// Creates the table with `fields` when missing; adds the fields it lacks when it
+    /// exists. A field whose type differs from the table's is an error naming both.
+    pub async fn ensure_fields(&mut self, fields: &[Field]) -> Result<(), DeltaError> {
+        let Some(schema) = self.arrow_schema() else {
+            return self.create(fields).await;
+        };
+        let mut missing = Vec::new();
+        for f in fields {
+            match schema.field_with_name(f.name()) {
+                Ok(existing) => {
+                    if !compatible(existing.data_type(), f.data_type()) {
+                        return Err(DeltaError::IncompatibleSchema {
+                            table: self.name.clone(),
+                            column: f.name().clone(),
+                            found: format!("{}", existing.data_type()),
+                            expected: format!("{}", f.data_type()),
+                        });
+                    }
+                }
+                Err(_) => missing.push(f.clone()),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let kernel: Vec<StructField> = missing
+            .iter()
+            .map(|f| f.try_into_kernel())
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("converting the schema of", e.into()))?;
+        let table = self.table.take().expect("checked above");
+        let names: Vec<String> = missing.iter().map(|f| f.name().clone()).collect();
+        match table.add_columns().with_fields(kernel).await {
+            Ok(table) => {
+                tracing::info!(table = %self.name, columns = ?names, "added columns");
+                self.table = Some(table);
+                Ok(())
+            }
+            Err(e) => {
+                let err = self.err("adding columns to", e);
+                self.reload().await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn create(&mut self, fields: &[Field]) -> Result<(), DeltaError> {
+        let kernel: Vec<StructField> = fields
+            .iter()
+            .map(|f| f.try_into_kernel())
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("converting the schema of", e.into()))?;
+        if let Some(dir) = self.local_dir() {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                self.err(
+                    "creating",
+                    DeltaTableError::Generic(format!("{}: {e}", dir.display())),
+                )
+            })?;
+        }
+        let builder = deltalake::DeltaTableBuilder::from_url(self.url.clone())
+            .map_err(|e| self.err("creating", e))?
+            .with_storage_options(self.storage.clone())
+            .build()
+            .map_err(|e| self.err("creating", e))?;
+        let table = builder
+            .create()
+            .with_table_name(self.name.clone())
+            .with_columns(kernel)
+            .with_configuration_property(
+                deltalake::TableProperty::CheckpointInterval,
+                Some(self.checkpoint_interval.to_string()),
+            )
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .await;
+        match table {
+            Ok(table) => {
+                tracing::info!(table = %self.name, url = %self.url, "created Delta table");
+                self.table = Some(table);
+                Ok(())
+            }
+            // Someone created it meanwhile: use theirs (after checking its schema).
+            Err(e) => {
+                self.reload().await?;
+                if self.table.is_some() {
+                    Box::pin(self.ensure_fields(fields)).await
+                } else {
+                    Err(self.err("creating", e))
+                }
+            }
+        }
+    }
+
+    fn properties(&self, position: Option<Lsn>) -> CommitProperties {
+        let props = CommitProperties::default()
+            .with_cleanup_expired_logs(Some(false))
+            .with_max_retries(10);
+        match position {
+            Some(p) => {
+                props.with_application_transaction(Transaction::new(&self.app_id, p.0 as i64))
+            }
+            None => props,
+        }
+    }
+
+    fn take(&mut self) -> Result<DeltaTable, DeltaError> {
+        self.table.take().ok_or_else(|| DeltaError::Missing {
+            table: self.name.clone(),
+        })
+    }
+
+    /// After an operation: record the table and, when the operation made no commit (it
+    /// had nothing to change), commit the position alone so the version still moves.
+    async fn finish(
+        &mut self,
+        before: Option<deltalake::kernel::Version>,
+        table: DeltaTable,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let committed = table.version() != before;
+        self.table = Some(table);
+        if let Some(p) = position {
+            if !committed {
+                self.commit_position(p).await?;
+            }
+            self.version = Some(p);
+        }
+        self.commits_since_open += 1;
+        if self.commits_since_open >= REOPEN_EVERY {
+            self.reload().await?;
+        }
+        Ok(())
+    }
+
+    /// Records `position` with no data (a commit with only the txn action).
+    pub async fn commit_position(&mut self, position: Lsn) -> Result<(), DeltaError> {
+        let table = self.take()?;
+        let result = CommitBuilder::from(self.properties(Some(position)))
+            .build(
+                Some(table.snapshot().map_err(|e| self.err("reading", e))?),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
+            .await;
+        self.table = Some(table);
+        result.map_err(|e| self.err("committing to", e))?;
+        self.version = Some(position);
+        self.reload_state().await
+    }
+
+    async fn reload_state(&mut self) -> Result<(), DeltaError> {
+        if let Some(t) = self.table.as_mut() {
+            if let Err(e) = t.update_state().await {
+                let err = self.err("reading", e);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `batch` and records `position` in the same commit.
+    pub async fn append(
+        &mut self,
+        batch: RecordBatch,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let table = self.take()?;
+        let before = table.version();
+        let result = table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_commit_properties(self.properties(position))
+            .await;
+        match result {
+            Ok(table) => self.finish(before, table, position).await,
+            Err(e) => self.failed("appending to", e).await,
+        }
+    }
+
+    async fn failed<T>(&mut self, action: &str, e: DeltaTableError) -> Result<T, DeltaError> {
+        let err = match e {
+            DeltaTableError::Transaction { .. } if e.to_string().contains("oncurrent") => {
+                DeltaError::Concurrent {
+                    table: self.name.clone(),
+                    detail: e.to_string(),
+                }
+            }
+            e => self.err(action, e),
+        };
+        // The operation consumed the table: open it again so the next call can retry.
+        self.reload().await?;
+        Err(err)
+    }
+
+    /// Deletes every row (hard) and records `position` in the same commit.
+    pub async fn delete_all(&mut self, position: Option<Lsn>) -> Result<(), DeltaError> {
+        let table = self.take()?;
+        let before = table.version();
+        let result = table
+            .delete()
+            .with_commit_properties(self.properties(position))
+            .await;
+        match result {
+            Ok((table, _)) => self.finish(before, table, position).await,
+            Err(e) => self.failed("deleting from", e).await,
+        }
+    }
+
+    /// Sets `_deleted = true` on every row (a soft truncate).
+    pub async fn mark_all_deleted(
+        &mut self,
+        position: Option<Lsn>,
+        lsn: Lsn,
+    ) -> Result<(), DeltaError> {
+        let table = self.take()?;
+        let before = table.version();
+        let result = table
+            .update()
+            .with_update(super::DELETED, "true")
+            .with_update(super::LSN, format!("CAST({} AS BIGINT)", lsn.0 as i64))
+            .with_commit_properties(self.properties(position))
+            .await;
+        match result {
+            Ok((table, _)) => self.finish(before, table, position).await,
+            Err(e) => self.failed("updating", e).await,
+        }
+    }
+
+    /// Merges `source` into the table by `key` (see [`super::replica`] for the clauses)
+    /// and records `position` in the same commit.
+    pub async fn merge(
+        &mut self,
+        source: RecordBatch,
+        plan: &super::replica::MergePlan,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let ctx = SessionContext::new();
+        let df = ctx
+            .read_batch(source)
+            .map_err(|e| self.err("preparing a merge into", e.into()))?;
+        let table = self.take()?;
+        let before = table.version();
+        let builder = table
+            .merge(df, plan.predicate.clone())
+            .with_source_alias("source")
+            .with_target_alias("target")
+            .with_commit_properties(self.properties(position));
+        let result = match plan.apply(builder) {
+            Ok(b) => b.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((table, _)) => self.finish(before, table, position).await,
+            Err(e) => self.failed("merging into", e).await,
+        }
+    }
+
+    /// Reads stored values: for each `(id, key row, columns)`, the named columns of the
+    /// row whose `key_columns` equal the key row's (compared as text), in Arrow's JSON
+    /// form. Rows not found are left out.
+    pub async fn stored_values(
+        &self,
+        key_columns: &[String],
+        wanted: &[(String, Map<String, Value>, Vec<String>)],
+    ) -> Result<Vec<(String, Map<String, Value>)>, DeltaError> {
+        let Some(table) = self.table.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        let mut select = vec!["*".to_string()];
+        for (i, k) in key_columns.iter().enumerate() {
+            select.push(format!("CAST({} AS VARCHAR) AS __weir_k{i}", quote(k)));
+        }
+        let conditions: Vec<String> = wanted
+            .iter()
+            .map(|(_, key_row, _)| {
+                let parts: Vec<String> = key_columns
+                    .iter()
+                    .map(|k| {
+                        let v = key_row.get(k).map(text).unwrap_or_default();
+                        format!("CAST({} AS VARCHAR) = {}", quote(k), literal(&v))
+                    })
+                    .collect();
+                format!("({})", parts.join(" AND "))
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM t WHERE {}",
+            select.join(", "),
+            conditions.join(" OR ")
+        );
+        let ctx = SessionContext::new();
+        let reading = |e: deltalake::datafusion::error::DataFusionError| {
+            self.err("reading stored values of", e.into())
+        };
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.err("reading", e))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| self.err("reading", e.into()))?;
+        ctx.register_table("t", provider).map_err(reading)?;
+        let batches = ctx
+            .sql(&sql)
+            .await
+            .map_err(reading)?
+            .collect()
+            .await
+            .map_err(reading)?;
+        let mut writer = deltalake::arrow::json::ArrayWriter::new(Vec::new());
+        for b in &batches {
+            writer.write(b).map_err(|e| DeltaError::Arrow {
+                table: self.name.clone(),
+                source: e,
+            })?;
+        }
+        writer.finish().map_err(|e| DeltaError::Arrow {
+            table: self.name.clone(),
+            source: e,
+        })?;
+        let bytes = writer.into_inner();
+        let rows: Vec<Map<String, Value>> = if bytes.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_default()
+        };
+        let mut out = Vec::new();
+        for (id, key_row, columns) in wanted {
+            let want: Vec<String> = key_columns
+                .iter()
+                .map(|k| key_row.get(k).map(text).unwrap_or_default())
+                .collect();
+            let found = rows.iter().find(|r| {
+                (0..key_columns.len())
+                    .all(|i| r.get(&format!("__weir_k{i}")).map(text).as_ref() == Some(&want[i]))
+            });
+            if let Some(r) = found {
+                let values = columns
+                    .iter()
+                    .filter_map(|c| r.get(c).map(|v| (c.clone(), v.clone())))
+                    .collect();
+                out.push((id.clone(), values));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `optimize` (compaction) and returns what it did.
+    pub async fn optimize(&mut self) -> Result<String, DeltaError> {
+        let table = self.take()?;
+        match table.optimize().await {
+            Ok((table, metrics)) => {
+                self.table = Some(table);
+                Ok(format!(
+                    "{} files added, {} removed",
+                    metrics.num_files_added, metrics.num_files_removed
+                ))
+            }
+            Err(e) => self.failed("compacting", e).await,
+        }
+    }
+
+    /// Runs `vacuum` (removes files no version within `retention_hours` uses).
+    pub async fn vacuum(&mut self, retention_hours: u64) -> Result<usize, DeltaError> {
+        let table = self.take()?;
+        match table
+            .vacuum()
+            .with_retention_period(chrono::Duration::hours(retention_hours as i64))
+            .with_enforce_retention_duration(false)
+            .await
+        {
+            Ok((table, metrics)) => {
+                self.table = Some(table);
+                Ok(metrics.files_deleted.len())
+            }
+            Err(e) => self.failed("vacuuming", e).await,
+        }
+    }
+}
+
+/// Whether a column of type `found` in the table can take values of type `expected`.
+fn compatible(
+    found: &deltalake::arrow::datatypes::DataType,
+    expected: &deltalake::arrow::datatypes::DataType,
+) -> bool {
+    use deltalake::arrow::datatypes::DataType as T;
+    match (found, expected) {
+        (T::List(a), T::List(b)) | (T::LargeList(a), T::List(b)) => {
+            compatible(a.data_type(), b.data_type())
+        }
+        (T::Utf8 | T::LargeUtf8 | T::Utf8View, T::Utf8) => true,
+        (T::Binary | T::LargeBinary | T::BinaryView, T::Binary) => true,
+        (T::Timestamp(_, a), T::Timestamp(_, b)) => a.is_some() == b.is_some(),
+        (a, b) => a == b,
+    }
+}
+
+/// A schema made of `fields`.
+pub fn schema_of(fields: Vec<Field>) -> SchemaRef {
+    Arc::new(Schema::new(fields))
+}

@@ -1,0 +1,667 @@
+//! Delta Lake materialization: replicas, change logs, exactly-once across crashes, and
+//! `weir query`, against a private PostgreSQL and real Delta tables read back with
+//! DataFusion.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::arrow::util::display::array_value_to_string;
+use support::TestDb;
+use weir::Lsn;
+use weir::config::{Config, DeleteMode, LakeConfig, LakeTableConfig};
+use weir::pipeline::{RunOptions, RunStats, run};
+use weir::query::LakeQuery;
+use weir::sink::delta::Lake;
+
+fn config(db: &TestDb, tables: &[&str], lake: &Path) -> Config {
+    Config {
+        source: db.source(tables),
+        lake: LakeConfig {
+            url: lake.display().to_string(),
+            change_log: true,
+            ..LakeConfig::default()
+        },
+    }
+}
+
+fn now_lsn(db: &TestDb) -> Lsn {
+    db.sql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap()
+}
+
+/// Runs the pipeline until everything committed so far is in the lake.
+async fn run_until_now(db: &TestDb, cfg: &Config) -> RunStats {
+    let until = now_lsn(db);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        run(
+            cfg,
+            RunOptions {
+                stop_at: Some(until),
+                ..RunOptions::default()
+            },
+            rx,
+        ),
+    )
+    .await
+    .expect("pipeline reached the stop position in time")
+    .expect("pipeline ran")
+}
+
+fn batches_to_rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for b in batches {
+        for r in 0..b.num_rows() {
+            rows.push(
+                b.columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            "NULL".to_string()
+                        } else {
+                            array_value_to_string(c, r).unwrap()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+async fn lake_query(lake: &Path, catalog: &str) -> LakeQuery {
+    let lake = Lake::open(&lake.display().to_string(), false).unwrap();
+    LakeQuery::open(&lake, catalog, "default").await.unwrap()
+}
+
+/// Rows of a query over the lake, as display strings (`NULL` for null).
+async fn lake_rows(lake: &Path, sql: &str) -> Vec<Vec<String>> {
+    let q = lake_query(lake, "weir").await;
+    let batches = q
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("lake query failed: {sql}: {e}"));
+    batches_to_rows(&batches)
+}
+
+/// Rows of a query in PostgreSQL, as text (`NULL` for null).
+async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for m in client.simple_query(sql).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            rows.push(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+const BANK_PG: &str = "SELECT transaction_id::text, user_id::text, amount::text, \
+    (extract(epoch FROM transaction_date) * 1000000)::bigint::text \
+    FROM transactions ORDER BY transaction_id";
+const BANK_LAKE: &str = "SELECT transaction_id, user_id, CAST(amount AS VARCHAR), \
+    CAST(CAST(transaction_date AS BIGINT) AS VARCHAR) \
+    FROM transactions ORDER BY transaction_id";
+const USERS_PG: &str = "SELECT user_id::text, name, email FROM users ORDER BY user_id";
+const USERS_LAKE: &str = "SELECT user_id, name, email FROM users ORDER BY user_id";
+
+async fn assert_bank_replica_equals_source(db: &TestDb, lake: &Path) {
+    let client = db.client().await;
+    let pg = pg_rows(&client, BANK_PG).await;
+    let delta = lake_rows(lake, BANK_LAKE).await;
+    assert_eq!(pg.len(), delta.len(), "transactions: row counts differ");
+    assert_eq!(pg, delta, "transactions: replica differs from the source");
+    assert_eq!(
+        pg_rows(&client, USERS_PG).await,
+        lake_rows(lake, USERS_LAKE).await,
+        "users: replica differs from the source"
+    );
+}
+
+async fn assert_change_log_has_no_duplicates(lake: &Path, table: &str) -> usize {
+    let rows = lake_rows(lake, &format!("SELECT _lsn, _seq FROM {table}_changes")).await;
+    let unique: HashSet<&Vec<String>> = rows.iter().collect();
+    assert_eq!(
+        unique.len(),
+        rows.len(),
+        "{table}_changes holds a change twice"
+    );
+    rows.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_into_its_delta_type() {
+    let db = TestDb::new("types");
+    db.sql(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE t (id int PRIMARY KEY, i2 smallint, i8 bigint, n numeric(12,2),
+           nu numeric, r real, d double precision, b boolean, tx text, vc varchar(10),
+           tz timestamptz, ts timestamp, dt date, tm time, u uuid, j jsonb, by bytea,
+           m mood, ai int[], at text[], iv interval);",
+    );
+    let row = "7, 12345678901, 1234.50, 3.14159265358979323846, 1.5, 2.25, true, 'héllo', 'vc',
+        '2024-05-01 12:00:00.25+02', '2024-05-01 12:00:00.123456', '2024-05-01', '23:59:59.5',
+        'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', '\\xdeadbeef', 'happy',
+        '{1,2,3}', '{a,b}', '1 day 02:00:00'";
+    // Row 1 comes through the backfill, row 2 through the stream, row 3 is all NULLs.
+    db.sql(&format!("INSERT INTO t VALUES (1, {row})"));
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["public.t"], &lake);
+    run_until_now(&db, &cfg).await;
+    db.sql(&format!(
+        "INSERT INTO t VALUES (2, {row}); INSERT INTO t (id) VALUES (3)"
+    ));
+    run_until_now(&db, &cfg).await;
+
+    let q = lake_query(&lake, "weir").await;
+    let batches = q.sql("SELECT * FROM t ORDER BY id").await.unwrap();
+    let schema = batches[0].schema();
+    let ty = |c: &str| schema.field_with_name(c).unwrap().data_type().to_string();
+    assert_eq!(ty("i2"), "Int16");
+    assert_eq!(ty("id"), "Int32");
+    assert_eq!(ty("i8"), "Int64");
+    assert_eq!(ty("n"), "Decimal128(12, 2)");
+    assert!(ty("nu").starts_with("Utf8"), "{}", ty("nu"));
+    assert_eq!(ty("r"), "Float32");
+    assert_eq!(ty("d"), "Float64");
+    assert_eq!(ty("b"), "Boolean");
+    assert!(
+        ty("tz").starts_with("Timestamp(µs, \"UTC\")") || ty("tz").contains("UTC"),
+        "{}",
+        ty("tz")
+    );
+    assert!(!ty("ts").contains("UTC"), "{}", ty("ts"));
+    assert_eq!(ty("dt"), "Date32");
+    assert!(ty("by").starts_with("Binary"), "{}", ty("by"));
+    assert!(
+        ty("ai").contains("List") && ty("ai").contains("Int32"),
+        "{}",
+        ty("ai")
+    );
+    let rows = batches_to_rows(&batches);
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let get =
+        |row: usize, col: &str| rows[row][names.iter().position(|n| n == col).unwrap()].clone();
+    for r in [0, 1] {
+        assert_eq!(get(r, "i2"), "7");
+        assert_eq!(get(r, "i8"), "12345678901");
+        assert_eq!(get(r, "n"), "1234.50");
+        assert_eq!(get(r, "nu"), "3.14159265358979323846");
+        assert_eq!(get(r, "r"), "1.5");
+        assert_eq!(get(r, "d"), "2.25");
+        assert_eq!(get(r, "b"), "true");
+        assert_eq!(get(r, "tx"), "héllo");
+        assert_eq!(get(r, "tz"), "2024-05-01T10:00:00.250Z");
+        assert_eq!(get(r, "ts"), "2024-05-01T12:00:00.123456");
+        assert_eq!(get(r, "dt"), "2024-05-01");
+        assert!(get(r, "tm").starts_with("23:59:59.5"), "{}", get(r, "tm"));
+        assert_eq!(get(r, "u"), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+        assert_eq!(get(r, "j"), r#"{"a":[1,2]}"#);
+        assert_eq!(get(r, "by"), "deadbeef");
+        assert_eq!(get(r, "m"), "happy");
+        assert_eq!(get(r, "ai"), "[1, 2, 3]");
+        assert_eq!(get(r, "at"), "[a, b]");
+        assert_eq!(get(r, "iv"), "P1DT2H");
+    }
+    for col in ["i2", "n", "tz", "by", "ai", "j"] {
+        assert_eq!(get(2, col), "NULL", "{col} of the NULL row");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_every_op_with_hard_and_soft_deletes() {
+    let db = TestDb::new("ops");
+    // `big` is large and incompressible enough to be stored out of line (TOAST), so an
+    // update that leaves it alone sends it as "unchanged".
+    let big = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 400))";
+    db.sql(&format!(
+        "CREATE TABLE hard (id int PRIMARY KEY, v text, big text);
+         CREATE TABLE soft (id int PRIMARY KEY, v text, big text);
+         INSERT INTO hard SELECT i, 'v' || i, {big} FROM generate_series(1, 5) i;
+         INSERT INTO soft SELECT i, 'v' || i, {big} FROM generate_series(1, 5) i;"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["public.hard", "public.soft"], &lake);
+    cfg.lake.tables.insert(
+        "public.soft".into(),
+        LakeTableConfig {
+            delete: Some(DeleteMode::Soft),
+            ..LakeTableConfig::default()
+        },
+    );
+    run_until_now(&db, &cfg).await;
+    for t in ["hard", "soft"] {
+        db.sql(&format!(
+            "INSERT INTO {t} VALUES (6, 'v6', 'small');
+             UPDATE {t} SET v = 'changed' WHERE id = 2;
+             UPDATE {t} SET id = 30 WHERE id = 3;
+             DELETE FROM {t} WHERE id = 4;
+             BEGIN; INSERT INTO {t} VALUES (7, 'gone', NULL); DELETE FROM {t} WHERE id = 7; COMMIT;
+             BEGIN; UPDATE {t} SET v = 'once' WHERE id = 5; UPDATE {t} SET v = 'twice' WHERE id = 5; COMMIT;"
+        ));
+    }
+    run_until_now(&db, &cfg).await;
+
+    let client = db.client().await;
+    let pg_sql = |t: &str| format!("SELECT id::text, v, md5(big) FROM {t} ORDER BY {t}.id");
+    let expected = pg_rows(&client, &pg_sql("hard")).await;
+    assert_eq!(expected.len(), 5, "{expected:?}");
+    let hard = lake_rows(&lake, "SELECT id, v, md5(big) FROM hard ORDER BY id").await;
+    assert_eq!(
+        hard, expected,
+        "hard replica equals the source (TOAST kept)"
+    );
+    let soft_live = lake_rows(
+        &lake,
+        "SELECT id, v, md5(big) FROM soft WHERE NOT _deleted ORDER BY id",
+    )
+    .await;
+    assert_eq!(soft_live, pg_rows(&client, &pg_sql("soft")).await);
+    let soft_deleted = lake_rows(&lake, "SELECT id FROM soft WHERE _deleted ORDER BY id").await;
+    assert_eq!(
+        soft_deleted,
+        vec![vec!["3".to_string()], vec!["4".to_string()]]
+    );
+
+    // The change log has every change once, in order, with its metadata.
+    let n = assert_change_log_has_no_duplicates(&lake, "hard").await;
+    assert_eq!(n, 5 + 8, "5 backfilled rows and 8 changes");
+    let ops = lake_rows(
+        &lake,
+        "SELECT _op, id FROM hard_changes WHERE NOT _snapshot ORDER BY _lsn, _seq",
+    )
+    .await;
+    let ops: Vec<String> = ops.iter().map(|r| format!("{}{}", r[0], r[1])).collect();
+    assert_eq!(ops, ["c6", "u2", "u30", "d4", "c7", "d7", "u5", "u5"]);
+    let unchanged = lake_rows(
+        &lake,
+        "SELECT _unchanged FROM hard_changes WHERE _op = 'u' AND id = 2",
+    )
+    .await;
+    assert_eq!(unchanged, vec![vec!["[big]".to_string()]]);
+
+    // Truncate: the hard replica empties, the soft one marks every row deleted.
+    db.sql("TRUNCATE hard; TRUNCATE soft; INSERT INTO hard VALUES (100, 'after', NULL);");
+    run_until_now(&db, &cfg).await;
+    assert_eq!(
+        lake_rows(&lake, "SELECT id, v FROM hard").await,
+        vec![vec!["100".to_string(), "after".to_string()]]
+    );
+    assert_eq!(
+        lake_rows(&lake, "SELECT count(*) FROM soft WHERE NOT _deleted").await,
+        vec![vec!["0".to_string()]]
+    );
+    assert_eq!(
+        lake_rows(&lake, "SELECT _op FROM hard_changes WHERE _op = 't'").await,
+        vec![vec!["t".to_string()]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_reach_the_lake_without_a_restart() {
+    let db = TestDb::new("evolve");
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["public.t"], &lake);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let pipeline = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { run(&cfg, RunOptions::default(), rx).await })
+    };
+    let seen = |sql: &'static str, want: Vec<Vec<String>>| {
+        let lake = lake.clone();
+        async move {
+            for _ in 0..300 {
+                if lake.join("t").join("_delta_log").exists() {
+                    let q = lake_query(&lake, "weir").await;
+                    if let Ok(b) = q.sql(sql).await {
+                        if batches_to_rows(&b) == want {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the lake never showed {want:?} for {sql}");
+        }
+    };
+    seen("SELECT id, v FROM t", vec![vec!["1".into(), "a".into()]]).await;
+    db.sql("ALTER TABLE t ADD COLUMN note text; INSERT INTO t VALUES (2, 'b', 'new column');");
+    seen(
+        "SELECT id, note FROM t WHERE id = 2",
+        vec![vec!["2".into(), "new column".into()]],
+    )
+    .await;
+    db.sql("ALTER TABLE t DROP COLUMN v; INSERT INTO t VALUES (3, 'after drop');");
+    seen(
+        "SELECT id, v, note FROM t ORDER BY id",
+        vec![
+            vec!["1".into(), "a".into(), "NULL".into()],
+            vec!["2".into(), "b".into(), "new column".into()],
+            vec!["3".into(), "NULL".into(), "after drop".into()],
+        ],
+    )
+    .await;
+    stop.send(true).unwrap();
+    let stats = pipeline.await.unwrap().expect("pipeline stopped cleanly");
+    assert!(stats.position.is_some());
+}
+
+fn weir() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+}
+
+fn write_config(db: &TestDb, lake: &Path, dir: &Path) -> PathBuf {
+    let path = dir.join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\npassword_file = \"{}\"\ntables = [\"public.users\", \"public.transactions\"]\ntls = \"disable\"\nstatus_interval_ms = 100\n\n[lake]\nurl = \"{}\"\nchange_log = true\n",
+            db.cluster.url(&db.db),
+            db.cluster.password_file().display(),
+            lake.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn datagen(db: &TestDb, rate: f64, operations: u64, seed: u64) {
+    let client = db.client().await;
+    let settings = weir::datagen::Settings {
+        users: 20,
+        rate,
+        operations: Some(operations),
+        seed,
+        ..weir::datagen::Settings::default()
+    };
+    weir::datagen::prepare(&client, &settings).await.unwrap();
+    weir::datagen::run(&client, &settings, std::future::pending())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_delta_commit_and_the_acknowledgment_repeats_nothing() {
+    let db = TestDb::new("crash");
+    datagen(&db, 10_000.0, 300, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    // The first run commits the backfill, then the first streamed batch, and dies
+    // before acknowledging it.
+    let writer = {
+        let db_url = db.cluster.url_with_password(&db.db);
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            // Once the slot exists, the update is streamed (not part of the backfill).
+            loop {
+                let n: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'weir'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            client
+                .batch_execute(
+                    "UPDATE transactions SET amount = amount + 1 WHERE transaction_id % 3 = 0",
+                )
+                .await
+                .unwrap();
+        })
+    };
+    let mut crashing = weir();
+    crashing
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("WEIR_CRASH_AFTER_COMMITS", "2")
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || crashing.output().unwrap())
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    assert!(!out.status.success(), "the run was meant to crash");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("crashing on purpose"), "{log}");
+    let before = db.confirmed_flush("weir");
+    // The lake holds the update; PostgreSQL was not told.
+    let updated = lake_rows(
+        &lake,
+        "SELECT _lsn FROM transactions_changes WHERE _op = 'u'",
+    )
+    .await;
+    assert!(!updated.is_empty(), "the crashed run committed the update");
+    let until = now_lsn(&db);
+    let status = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &until.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(db.confirmed_flush("weir") > before);
+    assert_bank_replica_equals_source(&db, &lake).await;
+    assert_change_log_has_no_duplicates(&lake, "transactions").await;
+    let updates = lake_rows(
+        &lake,
+        "SELECT count(*) FROM transactions_changes WHERE _op = 'u'",
+    )
+    .await;
+    let expected = pg_rows(
+        &db.client().await,
+        "SELECT count(*) FROM transactions WHERE transaction_id % 3 = 0",
+    )
+    .await;
+    assert!(
+        updates[0][0].parse::<u64>().unwrap() >= expected[0][0].parse::<u64>().unwrap(),
+        "every update of the replayed transaction is in the change log once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_and_repeats_nothing() {
+    let db = TestDb::new("kill");
+    datagen(&db, 10_000.0, 200, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    let writer = {
+        let db_url = db.cluster.url_with_password(&db.db);
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let settings = weir::datagen::Settings {
+                users: 20,
+                rate: 300.0,
+                operations: Some(3000),
+                seed: 3,
+                ..weir::datagen::Settings::default()
+            };
+            weir::datagen::run(&client, &settings, std::future::pending())
+                .await
+                .unwrap();
+        })
+    };
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    for round in 0..5 {
+        let mut child = weir()
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let ms = 700 + rng % 2000;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "round {round}: killed");
+    }
+    writer.await.unwrap();
+    let until = now_lsn(&db);
+    let status = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &until.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_bank_replica_equals_source(&db, &lake).await;
+    let n = assert_change_log_has_no_duplicates(&lake, "transactions").await;
+    assert!(n > 1000, "the change log holds the stream ({n} rows)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anomaly_query_gives_what_postgres_gives() {
+    let db = TestDb::new("anomaly");
+    datagen(&db, 10_000.0, 1500, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["public.users", "public.transactions"], &lake);
+    cfg.lake.change_log = false;
+    cfg.lake.catalog = "finance-demo".into();
+    run_until_now(&db, &cfg).await;
+    assert_bank_replica_equals_source(&db, &lake).await;
+
+    let query = |users: &str, transactions: &str| {
+        format!(
+            "WITH user_avg AS (
+               SELECT transaction_id, user_id, amount,
+                      AVG(amount) OVER (PARTITION BY user_id) AS avg_amount
+               FROM {transactions})
+             SELECT t.transaction_id, u.name,
+                    CASE WHEN t.amount > 3 * t.avg_amount THEN TRUE ELSE FALSE END AS is_anomaly
+             FROM user_avg t JOIN {users} u ON u.user_id = t.user_id
+             ORDER BY t.transaction_id"
+        )
+    };
+    let pg = pg_rows(&db.client().await, &query("users", "transactions")).await;
+    let q = lake_query(&lake, "finance-demo").await;
+    let delta = batches_to_rows(
+        &q.sql(&query(
+            "`finance-demo`.`default`.`users`",
+            "`finance-demo`.`default`.`transactions`",
+        ))
+        .await
+        .unwrap(),
+    );
+    let pg: Vec<Vec<String>> = pg
+        .into_iter()
+        .map(|mut r| {
+            r[2] = if r[2] == "t" { "true" } else { "false" }.into();
+            r
+        })
+        .collect();
+    assert_eq!(pg.len(), delta.len());
+    assert_eq!(pg, delta);
+    let anomalies = delta.iter().filter(|r| r[2] == "true").count();
+    assert!(anomalies > 0, "the data has anomalies to find");
+    // Plain names resolve too.
+    let plain = batches_to_rows(&q.sql("SELECT count(*) FROM transactions").await.unwrap());
+    assert_eq!(plain[0][0], pg.len().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lakes_and_bad_queries_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A lake path that cannot be a folder.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let err = Lake::open(&file.join("lake").display().to_string(), true).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot create the folder"),
+        "{err}"
+    );
+
+    // Queries: a syntax error with its position, an unknown table with the known ones.
+    let lake = dir.path().join("lake");
+    let db = TestDb::new("badq");
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');");
+    let cfg = config(&db, &["public.t"], &lake);
+    run_until_now(&db, &cfg).await;
+    let q = lake_query(&lake, "weir").await;
+    let err = q.sql("SELEC id FROM t").await.unwrap_err().to_string();
+    assert!(err.contains("SELEC") && err.contains("Line: 1"), "{err}");
+    let err = q.sql("SELECT * FROM nope").await.unwrap_err().to_string();
+    assert!(
+        err.contains("nope") && err.contains("Tables in the lake: t"),
+        "{err}"
+    );
+    let out = weir()
+        .args(["query", "--lake"])
+        .arg(&lake)
+        .args(["--format", "csv", "SELECT id, v FROM t"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "id,v\n1,a\n");
+
+    // A table someone else made under the same name, with another type.
+    let other = tempfile::tempdir().unwrap();
+    let other_lake = other.path().join("lake");
+    std::fs::create_dir_all(&other_lake).unwrap();
+    let mut foreign = weir::sink::delta::table::LakeTable::open(
+        "t",
+        Lake::open(&other_lake.display().to_string(), true)
+            .unwrap()
+            .table_url("t"),
+        Default::default(),
+        "someone-else",
+        100,
+    )
+    .await
+    .unwrap();
+    foreign
+        .ensure_fields(&[deltalake::arrow::datatypes::Field::new(
+            "id",
+            deltalake::arrow::datatypes::DataType::Utf8,
+            true,
+        )])
+        .await
+        .unwrap();
+    let cfg = config(&db, &["public.t"], &other_lake);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let err = run(
+        &cfg,
+        RunOptions {
+            stop_at: Some(now_lsn(&db)),
+            ..RunOptions::default()
+        },
+        rx,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`t`") && err.contains("`id`") && err.contains("Utf8"),
+        "{err}"
+    );
+}
