@@ -108,23 +108,36 @@ async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>>
 
 const BANK_PG: &str = "SELECT transaction_id::text, user_id::text, amount::text, \
     (extract(epoch FROM transaction_date) * 1000000)::bigint::text \
-    FROM transactions ORDER BY transaction_id";
+    FROM transactions ORDER BY transactions.transaction_id";
 const BANK_LAKE: &str = "SELECT transaction_id, user_id, CAST(amount AS VARCHAR), \
     CAST(CAST(transaction_date AS BIGINT) AS VARCHAR) \
     FROM transactions ORDER BY transaction_id";
-const USERS_PG: &str = "SELECT user_id::text, name, email FROM users ORDER BY user_id";
+const USERS_PG: &str = "SELECT user_id::text, name, email FROM users ORDER BY users.user_id";
 const USERS_LAKE: &str = "SELECT user_id, name, email FROM users ORDER BY user_id";
 
 async fn assert_bank_replica_equals_source(db: &TestDb, lake: &Path) {
     let client = db.client().await;
     let pg = pg_rows(&client, BANK_PG).await;
     let delta = lake_rows(lake, BANK_LAKE).await;
-    assert_eq!(pg.len(), delta.len(), "transactions: row counts differ");
-    assert_eq!(pg, delta, "transactions: replica differs from the source");
+    assert_same_rows(&pg, &delta, "transactions");
+    let users = pg_rows(&client, USERS_PG).await;
+    assert_same_rows(&users, &lake_rows(lake, USERS_LAKE).await, "users");
+}
+
+/// Row-by-row equality, reporting the first difference rather than both tables.
+fn assert_same_rows(source: &[Vec<String>], replica: &[Vec<String>], what: &str) {
+    if let Some(i) = (0..source.len().min(replica.len())).find(|&i| source[i] != replica[i]) {
+        panic!(
+            "{what}: row {i} differs: source {:?}, replica {:?}",
+            source[i], replica[i]
+        );
+    }
     assert_eq!(
-        pg_rows(&client, USERS_PG).await,
-        lake_rows(lake, USERS_LAKE).await,
-        "users: replica differs from the source"
+        source.len(),
+        replica.len(),
+        "{what}: {} rows in the source, {} in the replica",
+        source.len(),
+        replica.len()
     );
 }
 
@@ -580,8 +593,7 @@ async fn the_anomaly_query_gives_what_postgres_gives() {
             r
         })
         .collect();
-    assert_eq!(pg.len(), delta.len());
-    assert_eq!(pg, delta);
+    assert_same_rows(&pg, &delta, "anomaly query");
     let anomalies = delta.iter().filter(|r| r[2] == "true").count();
     assert!(anomalies > 0, "the data has anomalies to find");
     // Plain names resolve too.

@@ -339,6 +339,12 @@ impl Outbox {
         self.tx.is_closed()
     }
 
+    /// Ends the consumer's stream (it sees the end once it has read what was sent).
+    fn close(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        self.tx = closed;
+    }
+
     /// Sends what is queued, then the error that ended the capture.
     async fn fail(&mut self, e: SourceError) {
         let _ = self.flush().await;
@@ -379,6 +385,16 @@ impl Worker {
         backfill: Option<Backfill>,
     ) -> Result<(), SourceError> {
         let result = self.run_inner(&mut repl, client, backfill).await;
+        if result.is_ok() && !*self.stop.borrow() {
+            // The stop position was reached. The consumer still has to make the last
+            // transactions durable and acknowledge them: end its stream, and keep the
+            // connection until it shuts the capture down, so that acknowledgment reaches
+            // PostgreSQL.
+            if self.events.flush().await.is_ok() {
+                self.events.close();
+                let _ = self.stop.wait_for(|s| *s).await;
+            }
+        }
         self.finish(&mut repl).await;
         match result {
             // The consumer sees the error as its next event; when it is gone, whoever
