@@ -2,7 +2,8 @@
 //!
 //! Changes are gathered into batches that close at a source transaction boundary when
 //! the oldest change has waited the update delay (0: as soon as the capture has nothing
-//! more ready, so a busy source groups many transactions into one commit), when the
+//! more ready, or every 200 ms while it has a backlog, so a busy source groups many
+//! transactions into one commit), when the
 //! batch holds `max_batch_rows` changes or `max_batch_bytes`, or on shutdown. A closed
 //! batch is written to every table with its end position ([`DeltaSink::write`]); only
 //! then is that position acknowledged to PostgreSQL. The backfill, one long snapshot,
@@ -94,12 +95,15 @@ impl Batch {
     }
 
     fn should_flush_for_age(&self, delay: Duration) -> bool {
-        self.is_ready() && self.since.is_none_or(|t| t.elapsed() >= delay)
+        self.is_ready()
+            && self
+                .since
+                .is_none_or(|t| t.elapsed() >= longest_wait(delay))
     }
 
     fn deadline(&self, delay: Duration) -> Option<tokio::time::Instant> {
         self.is_ready()
-            .then(|| self.since.map(|t| (t + delay).into()))
+            .then(|| self.since.map(|t| (t + longest_wait(delay)).into()))
             .flatten()
     }
 
@@ -112,6 +116,19 @@ impl Batch {
         self.bytes = self.docs.iter().map(approximate_size).sum();
         self.since = (!self.docs.is_empty()).then(Instant::now);
         (done, end)
+    }
+}
+
+/// With an update delay of 0 a batch is committed as soon as the capture has nothing
+/// more ready; while it keeps having more (a backlog), batches still close this often.
+const BUSY_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long the oldest change of a complete batch may wait.
+fn longest_wait(delay: Duration) -> Duration {
+    if delay.is_zero() {
+        BUSY_FLUSH_INTERVAL
+    } else {
+        delay
     }
 }
 

@@ -91,10 +91,14 @@ pub fn run() -> anyhow::Result<ExitCode> {
     })
 }
 
+/// weir's own progress, everyone's warnings, except a merge metric deltalake warns about
+/// on every commit.
+const DEFAULT_LOG_FILTER: &str = "weir=info,warn,deltalake_core::operations::merge=error";
+
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new("weir=info,warn"));
+        EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
