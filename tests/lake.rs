@@ -340,10 +340,10 @@ async fn schema_changes_reach_the_lake_without_a_restart() {
             for _ in 0..300 {
                 if lake.join("t").join("_delta_log").exists() {
                     let q = lake_query(&lake, "weir").await;
-                    if let Ok(b) = q.sql(sql).await {
-                        if batches_to_rows(&b) == want {
-                            return;
-                        }
+                    if let Ok(b) = q.sql(sql).await
+                        && batches_to_rows(&b) == want
+                    {
+                        return;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -140,10 +140,10 @@ async fn list_tables(lake: &Lake) -> Result<Vec<String>, QueryError> {
     let mut names = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.join("_delta_log").is_dir() {
-            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-                names.push(name.to_string());
-            }
+        if path.join("_delta_log").is_dir()
+            && let Some(name) = path.file_name().and_then(|n| n.to_str())
+        {
+            names.push(name.to_string());
         }
     }
     names.sort();

@@ -542,10 +542,10 @@ async fn write_replica(
         let (schema, rows, plan) = reduced.into_merge(rel, &target, delete);
         let batch = record_batch(schema, &rows).map_err(arrow_err)?;
         lt.merge(batch, &plan, position).await?;
-    } else if reduced.truncated.is_none() {
-        if let Some(p) = position {
-            lt.commit_position(p).await?;
-        }
+    } else if reduced.truncated.is_none()
+        && let Some(p) = position
+    {
+        lt.commit_position(p).await?;
     }
     Ok(())
 }

@@ -277,11 +277,10 @@ impl LakeTable {
     }
 
     async fn reload_state(&mut self) -> Result<(), DeltaError> {
-        if let Some(t) = self.table.as_mut() {
-            if let Err(e) = t.update_state().await {
-                let err = self.err("reading", e);
-                return Err(err);
-            }
+        if let Some(t) = self.table.as_mut()
+            && let Err(e) = t.update_state().await
+        {
+            return Err(self.err("reading", e));
         }
         Ok(())
     }
