@@ -12,12 +12,15 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::document::ChangeDocument;
 use crate::lsn::Lsn;
-use crate::sink::delta::{DeltaError, DeltaSink};
+use crate::sink::delta::{DeltaError, DeltaSink, SinkStats};
+use crate::source::relation::Relation;
 use crate::source::{Capture, CaptureEvent, CaptureOptions, SourceError};
 
 /// Why a pipeline stopped with an error.
@@ -58,6 +61,9 @@ pub struct RunStats {
     /// Milliseconds from PostgreSQL commit to Delta commit, per streamed change (with
     /// [`RunOptions::record_latency`]).
     pub latencies_ms: Vec<u32>,
+    /// Milliseconds from PostgreSQL commit to the capture handing over the commit, per
+    /// streamed transaction (with [`RunOptions::record_latency`]).
+    pub capture_latencies_ms: Vec<u32>,
     /// The sink's figures.
     pub sink: crate::sink::delta::SinkStats,
 }
@@ -146,6 +152,171 @@ fn approximate_size(doc: &ChangeDocument) -> usize {
         .sum::<usize>()
 }
 
+/// Work for the sink task, in source order.
+enum Job {
+    /// A table's new shape.
+    Schema(Arc<Relation>),
+    /// A table's backfill starts.
+    BeginBackfill(String),
+    /// Changes to write; with a position, recorded with them (and, with `complete`, in
+    /// every table: the end of the backfill).
+    Write {
+        docs: Vec<ChangeDocument>,
+        position: Option<Lsn>,
+        complete: bool,
+    },
+}
+
+/// A write the sink made durable.
+struct Done {
+    position: Option<Lsn>,
+    changes: usize,
+    latencies_ms: Vec<u32>,
+}
+
+/// Runs the sink on its own runtime (DataFusion merges keep its threads busy; the capture
+/// must keep reading meanwhile), one job at a time, reporting each write.
+fn spawn_sink(
+    mut sink: DeltaSink,
+    runtime: &tokio::runtime::Handle,
+    record_latency: bool,
+) -> (
+    mpsc::Sender<Job>,
+    mpsc::UnboundedReceiver<Result<Done, DeltaError>>,
+    tokio::task::JoinHandle<SinkStats>,
+) {
+    // One job queued while one is written: the next batch gathers meanwhile.
+    let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let task = runtime.spawn(async move {
+        while let Some(job) = jobs.recv().await {
+            let result = match job {
+                Job::Schema(rel) => {
+                    sink.schema(rel);
+                    continue;
+                }
+                Job::BeginBackfill(table) => sink.begin_backfill(&table).await.map(|()| None),
+                Job::Write {
+                    docs,
+                    position,
+                    complete,
+                } => {
+                    let mut r = sink.write(&docs, position).await;
+                    if let (Ok(()), Some(p), true) = (&r, position, complete) {
+                        r = sink.complete(p).await;
+                    }
+                    r.map(|()| {
+                        let now = unix_ms();
+                        Some(Done {
+                            position,
+                            changes: docs.len(),
+                            latencies_ms: if record_latency && !complete {
+                                docs.iter()
+                                    .map(|d| (now - d.source.ts_ms).max(0) as u32)
+                                    .collect()
+                            } else {
+                                Vec::new()
+                            },
+                        })
+                    })
+                }
+            };
+            match result {
+                Ok(Some(done)) => {
+                    let _ = done_tx.send(Ok(done));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = done_tx.send(Err(e));
+                    break;
+                }
+            }
+        }
+        sink.stats
+    });
+    (jobs_tx, done_rx, task)
+}
+
+/// The pipeline's side of the sink task.
+struct SinkLink<'a> {
+    jobs: Option<mpsc::Sender<Job>>,
+    /// Writes sent and not yet reported done.
+    in_flight: usize,
+    done: mpsc::UnboundedReceiver<Result<Done, DeltaError>>,
+    opts: &'a RunOptions,
+}
+
+impl SinkLink<'_> {
+    async fn send(&mut self, job: Job) -> Result<(), PipelineError> {
+        let Some(jobs) = &self.jobs else {
+            return Ok(());
+        };
+        if matches!(job, Job::Write { .. }) {
+            self.in_flight += 1;
+        }
+        if jobs.send(job).await.is_err() {
+            // The sink stopped: its error is waiting in `done`.
+            return match self.done.recv().await {
+                Some(Err(e)) => Err(e.into()),
+                _ => Err(PipelineError::Config("the lake writer stopped".into())),
+            };
+        }
+        Ok(())
+    }
+
+    /// Records a finished write and acknowledges its position (writes finish in order).
+    fn finished(
+        &mut self,
+        done: Result<Done, DeltaError>,
+        stats: &mut RunStats,
+        capture: &Capture,
+    ) -> Result<(), PipelineError> {
+        let done = done?;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        stats.changes += done.changes as u64;
+        if let Some(position) = done.position {
+            stats.batches += 1;
+            stats.latencies_ms.extend(done.latencies_ms);
+            crash_point(self.opts, stats);
+            capture.acknowledge(position);
+            stats.position = Some(position);
+        }
+        Ok(())
+    }
+
+    /// Hands the complete transactions of the batch to the sink.
+    async fn flush(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
+        if !batch.is_ready() {
+            return Ok(());
+        }
+        let (docs, end) = batch.take_complete();
+        let Some(position) = end else { return Ok(()) };
+        // Even with no changes the position goes through the sink, so that it is
+        // acknowledged only after the writes before it.
+        self.send(Job::Write {
+            docs,
+            position: Some(position),
+            complete: false,
+        })
+        .await
+    }
+
+    /// Hands a part of the backfill to the sink (no position: nothing is acknowledged).
+    async fn write_part(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
+        if batch.docs.is_empty() {
+            return Ok(());
+        }
+        let docs = std::mem::take(&mut batch.docs);
+        *batch = Batch::default();
+        self.send(Job::Write {
+            docs,
+            position: None,
+            complete: false,
+        })
+        .await
+    }
+}
+
 /// Runs the pipeline until `shutdown` turns true, the stop position is reached, or an
 /// error. On shutdown the complete transactions gathered so far are committed and
 /// acknowledged first.
@@ -157,7 +328,7 @@ pub async fn run(
     let delay = config.lake.update_delay().map_err(PipelineError::Config)?;
     let max_rows = config.lake.max_batch_rows;
     let max_bytes = config.lake.max_batch_bytes;
-    let mut sink = DeltaSink::open(config).await?;
+    let sink = DeltaSink::open(config).await?;
     let resume = sink.resume();
     tracing::info!(lake = %config.lake.url, ?resume, tables = ?sink.positions(), "lake opened");
     let mut capture = Capture::start(
@@ -169,26 +340,47 @@ pub async fn run(
         },
     )
     .await?;
+    let lake_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("weir-lake")
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Config(format!("starting the lake writer: {e}")))?;
+    let (jobs, done, sink_task) = spawn_sink(sink, lake_runtime.handle(), opts.record_latency);
     let mut stats = RunStats::default();
     let mut batch = Batch::default();
+    let mut link = SinkLink {
+        jobs: Some(jobs),
+        in_flight: 0,
+        done,
+        opts: &opts,
+    };
     let result: Result<(), PipelineError> = async {
         loop {
             let deadline = batch.deadline(delay);
             let ev = tokio::select! {
                 biased;
                 () = stopped(&mut shutdown) => break,
+                Some(done) = link.done.recv() => {
+                    link.finished(done, &mut stats, &capture)?;
+                    // The sink is free: what gathered while it wrote goes now.
+                    if link.in_flight == 0 && delay.is_zero() {
+                        link.flush(&mut batch).await?;
+                    }
+                    continue;
+                }
                 _ = sleep_until(deadline) => {
-                    flush(&mut sink, &capture, &mut batch, &mut stats, &opts).await?;
+                    link.flush(&mut batch).await?;
                     continue;
                 }
                 ev = capture.next() => ev?,
             };
             let Some(ev) = ev else { break };
             match ev {
-                CaptureEvent::Schema(rel) => sink.schema(rel),
+                CaptureEvent::Schema(rel) => link.send(Job::Schema(rel)).await?,
                 CaptureEvent::BackfillTable { table, .. } => {
-                    write_part(&mut sink, &mut batch, &mut stats).await?;
-                    sink.begin_backfill(&table).await?;
+                    link.write_part(&mut batch).await?;
+                    link.send(Job::BeginBackfill(table)).await?;
                 }
                 CaptureEvent::Change(doc) => {
                     batch.push(doc);
@@ -196,42 +388,69 @@ pub async fn run(
                         && batch.docs.first().is_some_and(|d| d.source.snapshot)
                         && batch.docs.len() >= max_rows
                     {
-                        write_part(&mut sink, &mut batch, &mut stats).await?;
+                        link.write_part(&mut batch).await?;
                     }
                 }
                 CaptureEvent::BackfillDone { position } => {
                     batch.close_transaction(position);
                     let (docs, _) = batch.take_complete();
-                    sink.write(&docs, Some(position)).await?;
-                    sink.complete(position).await?;
-                    stats.changes += docs.len() as u64;
-                    stats.batches += 1;
-                    crash_point(&opts, &stats);
-                    capture.acknowledge(position);
-                    stats.position = Some(position);
-                    tracing::info!(%position, "backfill written; streaming");
+                    link.send(Job::Write {
+                        docs,
+                        position: Some(position),
+                        complete: true,
+                    })
+                    .await?;
+                    tracing::info!(%position, "backfill read; streaming");
                 }
                 CaptureEvent::Commit { position, .. } => {
+                    if opts.record_latency
+                        && let Some(last) = batch.docs.last()
+                    {
+                        stats
+                            .capture_latencies_ms
+                            .push((unix_ms() - last.source.ts_ms).max(0) as u32);
+                    }
                     batch.close_transaction(position);
-                    let caught_up = delay.is_zero() && !capture.has_pending();
+                    // Group commit: with no delay, a batch goes when the capture has
+                    // nothing more ready and the sink is not busy with the previous one.
+                    let caught_up =
+                        delay.is_zero() && !capture.has_pending() && link.in_flight == 0;
                     if caught_up
                         || batch.should_flush_for_size(max_rows, max_bytes)
                         || batch.should_flush_for_age(delay)
                     {
-                        flush(&mut sink, &capture, &mut batch, &mut stats, &opts).await?;
+                        link.flush(&mut batch).await?;
                     }
                 }
             }
         }
-        // Shutdown or the stop position: commit what is complete.
-        flush(&mut sink, &capture, &mut batch, &mut stats, &opts).await
+        // Shutdown or the stop position: commit what is complete, and wait for every
+        // write in flight.
+        link.flush(&mut batch).await?;
+        link.jobs = None;
+        while let Some(done) = link.done.recv().await {
+            link.finished(done, &mut stats, &capture)?;
+        }
+        Ok(())
     }
     .await;
+    drop(link);
+    let sink_stats = sink_task.await;
+    lake_runtime.shutdown_background();
     let stopped = capture.shutdown().await;
-    stats.sink = sink.stats.clone();
+    if let Ok(s) = sink_stats {
+        stats.sink = s;
+    }
     result?;
     stopped?;
     Ok(stats)
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The crash tests' hook: dies between a Delta commit and its acknowledgment.
@@ -255,54 +474,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Writes the complete transactions of the batch and acknowledges their end.
-async fn flush(
-    sink: &mut DeltaSink,
-    capture: &Capture,
-    batch: &mut Batch,
-    stats: &mut RunStats,
-    opts: &RunOptions,
-) -> Result<(), PipelineError> {
-    if !batch.is_ready() {
-        return Ok(());
-    }
-    let (docs, end) = batch.take_complete();
-    let Some(position) = end else { return Ok(()) };
-    if !docs.is_empty() {
-        sink.write(&docs, Some(position)).await?;
-        stats.changes += docs.len() as u64;
-        stats.batches += 1;
-        if opts.record_latency {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            stats
-                .latencies_ms
-                .extend(docs.iter().map(|d| (now_ms - d.source.ts_ms).max(0) as u32));
-        }
-        crash_point(opts, stats);
-    }
-    capture.acknowledge(position);
-    stats.position = Some(position);
-    tracing::debug!(%position, changes = docs.len(), "committed");
-    Ok(())
-}
-
-/// Writes a part of the backfill (no position: nothing is acknowledged).
-async fn write_part(
-    sink: &mut DeltaSink,
-    batch: &mut Batch,
-    stats: &mut RunStats,
-) -> Result<(), PipelineError> {
-    if batch.docs.is_empty() {
-        return Ok(());
-    }
-    let docs = std::mem::take(&mut batch.docs);
-    *batch = Batch::default();
-    sink.write(&docs, None).await?;
-    stats.changes += docs.len() as u64;
-    Ok(())
 }
