@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
+use futures_util::FutureExt as _;
 use serde_json::{Map, Value};
 
 use crate::config::{Config, DeleteMode, LakeConfig};
@@ -203,6 +204,11 @@ pub fn replica_name(cfg: &LakeConfig, schema: &str, table: &str) -> String {
     }
 }
 
+enum WriteKind {
+    Replica,
+    ChangeLog,
+}
+
 struct SourceTable {
     relation: Option<Arc<Relation>>,
     replica: LakeTable,
@@ -348,11 +354,10 @@ impl DeltaSink {
                 .or_default()
                 .push(d);
         }
-        let mut keys: Vec<_> = by_table.keys().cloned().collect();
-        keys.sort();
-        for key in keys {
-            let docs = &by_table[&key];
-            let Some(t) = self.tables.get_mut(&key) else {
+        // Every Delta table is independent: write them all at once.
+        let mut writes = Vec::new();
+        for (key, t) in self.tables.iter_mut() {
+            let Some(docs) = by_table.get(key) else {
                 continue;
             };
             let rel = t.relation.clone().ok_or_else(|| DeltaError::NoSchema {
@@ -365,21 +370,47 @@ impl DeltaSink {
                     .collect()
             };
             let for_replica = fresh(&t.replica);
-            if !for_replica.is_empty() {
-                let started = std::time::Instant::now();
-                write_replica(&mut t.replica, &rel, t.delete, &for_replica, position).await?;
-                self.stats.replica_time += started.elapsed();
-                self.stats.replica_rows += for_replica.len() as u64;
-                self.stats.commits += 1;
-            }
-            if let Some(changes) = t.changes.as_mut() {
-                let for_log = fresh(changes);
-                if !for_log.is_empty() {
+            let for_log = t.changes.as_ref().map(fresh).unwrap_or_default();
+            let delete = t.delete;
+            let replica = &mut t.replica;
+            let changes = t.changes.as_mut();
+            let rel2 = rel.clone();
+            writes.push(
+                async move {
                     let started = std::time::Instant::now();
-                    write_change_log(changes, &rel, &for_log, position).await?;
-                    self.stats.log_time += started.elapsed();
-                    self.stats.log_rows += for_log.len() as u64;
-                    self.stats.commits += 1;
+                    if !for_replica.is_empty() {
+                        write_replica(replica, &rel, delete, &for_replica, position).await?;
+                    }
+                    Ok::<_, DeltaError>((WriteKind::Replica, for_replica.len(), started.elapsed()))
+                }
+                .boxed(),
+            );
+            if let Some(changes) = changes {
+                writes.push(
+                    async move {
+                        let started = std::time::Instant::now();
+                        if !for_log.is_empty() {
+                            write_change_log(changes, &rel2, &for_log, position).await?;
+                        }
+                        Ok((WriteKind::ChangeLog, for_log.len(), started.elapsed()))
+                    }
+                    .boxed(),
+                );
+            }
+        }
+        for (kind, rows, took) in futures_util::future::try_join_all(writes).await? {
+            if rows == 0 {
+                continue;
+            }
+            self.stats.commits += 1;
+            match kind {
+                WriteKind::Replica => {
+                    self.stats.replica_rows += rows as u64;
+                    self.stats.replica_time += took;
+                }
+                WriteKind::ChangeLog => {
+                    self.stats.log_rows += rows as u64;
+                    self.stats.log_time += took;
                 }
             }
         }
