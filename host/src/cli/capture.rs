@@ -161,8 +161,8 @@ fn flush(sink: &mut JsonLinesSink, capture: &Capture) -> Result<()> {
 }
 
 /// Starts a private PostgreSQL with the bank schema, writes a few transactions a second
-/// into it (`weir datagen`'s generator), and captures them until Ctrl-C.
-pub async fn demo(out: PathBuf) -> Result<ExitCode> {
+/// into it (`weir datagen`'s generator), and runs the pipeline into a lake until Ctrl-C.
+pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
     weir::source::install_crypto_provider();
     let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
     pg.create_database("bank")?;
@@ -173,26 +173,44 @@ pub async fn demo(out: PathBuf) -> Result<ExitCode> {
     weir::datagen::prepare(&client, &settings)
         .await
         .context("creating the demo tables")?;
-    eprintln!(
-        "private PostgreSQL on port {} (database bank); changes go to {}",
-        pg.port(),
-        out.display()
-    );
-    let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(weir::sink::jsonl::checkpoint_path(&out));
-    let writer = tokio::spawn(async move {
-        if let Err(e) = weir::datagen::run(&client, &settings, std::future::pending()).await {
-            tracing::warn!(error = %e, "demo data generator stopped");
-        }
-    });
+    // Each demo starts from a fresh database, so it starts from a fresh lake too.
+    if lake.join("transactions").join("_delta_log").is_dir() {
+        std::fs::remove_dir_all(&lake)
+            .with_context(|| format!("clearing the previous demo lake {}", lake.display()))?;
+    }
     let mut source = SourceConfig::new(
         pg.url("bank"),
         vec!["public.users".into(), "public.transactions".into()],
     );
     source.password_file = Some(pg.password_file());
-    let result = capture_to(&source, Some(&out), None).await;
+    let config = Config {
+        source,
+        lake: weir::config::LakeConfig {
+            url: lake.display().to_string(),
+            change_log: true,
+            ..weir::config::LakeConfig::default()
+        },
+    };
+    eprintln!(
+        "private PostgreSQL on port {} (database bank); the lake is {}\n\
+         try, in another terminal: weir query --lake {} \"SELECT * FROM transactions ORDER BY transaction_date DESC LIMIT 10\"",
+        pg.port(),
+        lake.display(),
+        lake.display()
+    );
+    let writer = tokio::spawn(async move {
+        if let Err(e) = weir::datagen::run(&client, &settings, std::future::pending()).await {
+            tracing::warn!(error = %e, "demo data generator stopped");
+        }
+    });
+    let result = super::run::run_config(&config, None).await;
     writer.abort();
-    result?;
-    eprintln!("stopped; {} holds the captured changes", out.display());
+    let stats = result?;
+    eprintln!(
+        "stopped after {} changes; {} holds the Delta tables (weir query --lake {} \"...\")",
+        stats.changes,
+        lake.display(),
+        lake.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

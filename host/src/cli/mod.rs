@@ -47,11 +47,12 @@ enum Command {
         #[command(subcommand)]
         which: bench::BenchCommand,
     },
-    /// Start a private PostgreSQL with demo tables and capture from it until Ctrl-C.
+    /// Start a private PostgreSQL with the bank tables, write demo data into it, and run
+    /// the pipeline into a Delta lake until Ctrl-C.
     Demo {
-        /// Where to write the change documents.
-        #[arg(long, default_value = "demo-changes.jsonl")]
-        out: PathBuf,
+        /// The lake folder (cleared when it holds a previous demo's tables).
+        #[arg(long, default_value = "demo-lake")]
+        lake: PathBuf,
     },
 }
 
@@ -66,7 +67,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
     // Parquet encoding) want the cores while the capture keeps reading.
     let lake_work = matches!(
         cli.command,
-        Command::Run(_) | Command::Query(_) | Command::Lake { .. } | Command::Bench { .. }
+        Command::Run(_)
+            | Command::Query(_)
+            | Command::Lake { .. }
+            | Command::Bench { .. }
+            | Command::Demo { .. }
     );
     let runtime = if lake_work {
         tokio::runtime::Builder::new_multi_thread()
@@ -85,7 +90,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             Command::Lake { command } => query::lake(command).await,
             Command::Datagen(args) => datagen::run(args).await,
             Command::Bench { which } => bench::run(which).await,
-            Command::Demo { out } => capture::demo(out).await,
+            Command::Demo { lake } => capture::demo(lake).await,
             Command::Plugin { .. } => unreachable!("handled above"),
         }
     })
