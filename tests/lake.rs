@@ -247,6 +247,7 @@ async fn replicas_follow_every_op_with_hard_and_soft_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let mut cfg = config(&db, &["public.hard", "public.soft"], &lake);
+    cfg.lake.checkpoint_interval = 2;
     cfg.lake.tables.insert(
         "public.soft".into(),
         LakeTableConfig {
@@ -304,6 +305,22 @@ async fn replicas_follow_every_op_with_hard_and_soft_deletes() {
     )
     .await;
     assert_eq!(unchanged, vec![vec!["[big]".to_string()]]);
+
+    // The Delta log is checkpointed at the configured interval.
+    let checkpoints = std::fs::read_dir(lake.join("hard").join("_delta_log"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".checkpoint.")
+        })
+        .count();
+    assert!(
+        checkpoints > 0,
+        "no Delta log checkpoint in hard/_delta_log"
+    );
 
     // Truncate: the hard replica empties, the soft one marks every row deleted.
     db.sql("TRUNCATE hard; TRUNCATE soft; INSERT INTO hard VALUES (100, 'after', NULL);");
@@ -479,6 +496,22 @@ async fn a_crash_between_the_delta_commit_and_the_acknowledgment_repeats_nothing
     assert!(db.confirmed_flush("weir") > before);
     assert_bank_replica_equals_source(&db, &lake).await;
     assert_change_log_has_no_duplicates(&lake, "transactions").await;
+
+    // Maintenance leaves the tables as they were.
+    for args in [
+        vec!["lake", "optimize", "--config"],
+        vec!["lake", "vacuum", "--retention-hours", "0", "--config"],
+    ] {
+        let out = weir().args(&args).arg(&config).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("transactions_changes:"), "{args:?}: {said}");
+    }
+    assert_bank_replica_equals_source(&db, &lake).await;
     let updates = lake_rows(
         &lake,
         "SELECT count(*) FROM transactions_changes WHERE _op = 'u'",
