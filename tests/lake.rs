@@ -710,3 +710,124 @@ async fn bad_lakes_and_bad_queries_get_clear_errors() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
+    use serde_json::json;
+    use weir::sink::delta::collection::{
+        DEAD_LETTERS, DeadLetter, OutputRow, write_collection, write_dead_letters,
+    };
+    use weir::sink::delta::table::LakeTable;
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let lake = Lake::open(&lake_dir.display().to_string(), true).unwrap();
+    let open = |name: &'static str| {
+        let lake = lake.clone();
+        async move {
+            LakeTable::open(name, lake.table_url(name), Default::default(), "p", 100)
+                .await
+                .unwrap()
+        }
+    };
+    let mut alerts = open("fraud_alerts").await;
+    let row = |key: &str, doc: serde_json::Value, lsn: u64| OutputRow {
+        key: key.into(),
+        document: doc,
+        lsn: Lsn(lsn),
+        ts_ms: 1_700_000_000_000,
+    };
+    write_collection(
+        &mut alerts,
+        &[
+            row(
+                "t1",
+                json!({"transaction_id": 1, "user_id": 7, "amount": 950.5, "average": 100.25}),
+                90,
+            ),
+            row(
+                "t2",
+                json!({"transaction_id": 2, "user_id": 8, "amount": 400.0, "average": 99.5}),
+                95,
+            ),
+        ],
+        Some(Lsn(100)),
+    )
+    .await
+    .unwrap();
+    // A later output with the same key replaces the row; a new field adds a column.
+    write_collection(
+        &mut alerts,
+        &[row(
+            "t1",
+            json!({"transaction_id": 1, "user_id": 7, "amount": 990.0, "average": 100.25, "rule": {"factor": 3}}),
+            150,
+        )],
+        Some(Lsn(200)),
+    )
+    .await
+    .unwrap();
+    let rows = lake_rows(
+        &lake_dir,
+        "SELECT _key, transaction_id, amount, rule, _lsn FROM fraud_alerts ORDER BY _key",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![
+            vec!["t1", "1", "990.0", r#"{"factor":3}"#, "150"],
+            vec!["t2", "2", "400.0", "NULL", "95"],
+        ]
+    );
+    let reopened = open("fraud_alerts").await;
+    assert_eq!(
+        reopened.version,
+        Some(Lsn(200)),
+        "the position rides in the commit"
+    );
+    // A value of another type is refused with the column named, not silently dropped.
+    let err = write_collection(
+        &mut alerts,
+        &[row("t3", json!({"transaction_id": 3.5}), 210)],
+        Some(Lsn(220)),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("transaction_id") && err.contains("fraud_alerts"),
+        "{err}"
+    );
+
+    let mut dead = open(DEAD_LETTERS).await;
+    write_dead_letters(
+        &mut dead,
+        &[DeadLetter {
+            plugin: "misbehave".into(),
+            kind: "trap".into(),
+            error: "wasm trap: unreachable".into(),
+            lsn: Lsn(300),
+            ts_ms: 1_700_000_000_000,
+            source_table: "public.transactions".into(),
+            document: r#"{"transaction_id":9,"poison":true}"#.into(),
+        }],
+        Some(Lsn(310)),
+    )
+    .await
+    .unwrap();
+    let rows = lake_rows(
+        &lake_dir,
+        "SELECT plugin, kind, error, source_table, document, _lsn FROM weir_dead_letters",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![vec![
+            "misbehave",
+            "trap",
+            "wasm trap: unreachable",
+            "public.transactions",
+            r#"{"transaction_id":9,"poison":true}"#,
+            "300"
+        ]]
+    );
+}

@@ -17,6 +17,7 @@
 //! `users` (`schema_table` outside `public`, or `name` in the config), change logs
 //! `<name>_changes`.
 
+pub mod collection;
 pub mod replica;
 pub mod schema;
 pub mod table;
@@ -127,12 +128,24 @@ pub enum DeltaError {
 }
 
 /// Where the lake is.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Lake {
     /// The folder (as a `file://` URL) or object-store URL of the lake.
     pub root: url::Url,
     /// Object-store options (credentials, endpoint); never logged.
     pub storage: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Lake {
+    /// Storage options hold credentials: only their names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut keys: Vec<&String> = self.storage.keys().collect();
+        keys.sort();
+        f.debug_struct("Lake")
+            .field("root", &self.root.as_str())
+            .field("storage_option_names", &keys)
+            .finish()
+    }
 }
 
 impl Lake {
@@ -646,4 +659,30 @@ async fn write_change_log(
         source,
     })?;
     lt.append(batch, position).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lake_debug_shows_no_credentials() {
+        let mut lake = Lake::open("s3://bucket/prefix", false).unwrap();
+        lake.storage
+            .insert("aws_secret_access_key".into(), "very-secret".into());
+        let shown = format!("{lake:?}");
+        assert!(shown.contains("aws_secret_access_key") && !shown.contains("very-secret"));
+        assert_eq!(
+            lake.table_url("users").as_str(),
+            "s3://bucket/prefix/users/"
+        );
+    }
+
+    #[test]
+    fn table_names_follow_the_source() {
+        let cfg = LakeConfig::default();
+        assert_eq!(replica_name(&cfg, "public", "users"), "users");
+        assert_eq!(replica_name(&cfg, "sales", "orders"), "sales_orders");
+        assert_eq!(qualified("users"), ("public".into(), "users".into()));
+    }
 }

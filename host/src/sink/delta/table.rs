@@ -477,6 +477,55 @@ impl LakeTable {
         Ok(out)
     }
 
+    /// Replaces rows by `key` (inserting new keys) with the rows of `source`, which has
+    /// `columns`; records `position` in the same commit.
+    pub async fn upsert(
+        &mut self,
+        source: RecordBatch,
+        key: &str,
+        columns: &[String],
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let ctx = SessionContext::new();
+        let df = ctx
+            .read_batch(source)
+            .map_err(|e| self.err("preparing a merge into", e.into()))?;
+        let table = self.take()?;
+        let before = table.version();
+        let k = quote(key);
+        let result = async {
+            table
+                .merge(df, format!("target.{k} = source.{k}"))
+                .with_source_alias("source")
+                .with_target_alias("target")
+                .with_commit_properties(self.properties(position))
+                .when_matched_update(|mut u| {
+                    for c in columns {
+                        u = u.update(
+                            deltalake::datafusion::common::Column::new_unqualified(c),
+                            format!("source.{}", quote(c)),
+                        );
+                    }
+                    u
+                })?
+                .when_not_matched_insert(|mut i| {
+                    for c in columns {
+                        i = i.set(
+                            deltalake::datafusion::common::Column::new_unqualified(c),
+                            format!("source.{}", quote(c)),
+                        );
+                    }
+                    i
+                })?
+                .await
+        }
+        .await;
+        match result {
+            Ok((table, _)) => self.finish(before, table, position).await,
+            Err(e) => self.failed("merging into", e).await,
+        }
+    }
+
     /// Runs `optimize` (compaction) and returns what it did.
     pub async fn optimize(&mut self) -> Result<String, DeltaError> {
         let table = self.take()?;
