@@ -887,3 +887,68 @@ async fn concurrent_writers_are_retried_or_refused_never_lost() {
     assert_eq!(open("a").await.version, Some(Lsn(10)));
     assert_eq!(open("b").await.version, Some(Lsn(5)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_sigint_commit_what_is_in_flight_and_exit_0() {
+    let db = TestDb::new("signals");
+    datagen(&db, 10_000.0, 50, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    for (round, sig) in [libc::SIGTERM, libc::SIGINT].into_iter().enumerate() {
+        let mut child = weir()
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the lake holds what the database holds, then write more and stop
+        // right away: what was committed in PostgreSQL before the signal is kept.
+        let client = db.client().await;
+        let mut ready = false;
+        for _ in 0..200 {
+            if lake.join("transactions").join("_delta_log").is_dir() {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ready, "round {round}: the pipeline created its tables");
+        client
+            .batch_execute(&format!(
+                "INSERT INTO transactions (user_id, transaction_date, amount) \
+                 SELECT 1, now(), 10 + {round} FROM generate_series(1, 100)"
+            ))
+            .await
+            .unwrap();
+        let written = now_lsn(&db);
+        // SIGTERM once the change is in; SIGINT while it may still be on its way.
+        while round == 0 && db.confirmed_flush("weir") < written {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "round {round}: exit 0 on signal {sig}: {log}"
+        );
+        assert!(log.contains("stopped:"), "{log}");
+        if round == 0 {
+            assert!(db.confirmed_flush("weir") >= written, "acknowledged");
+            assert_bank_replica_equals_source(&db, &lake).await;
+        }
+    }
+    let until = now_lsn(&db);
+    let status = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &until.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_bank_replica_equals_source(&db, &lake).await;
+    assert_change_log_has_no_duplicates(&lake, "transactions").await;
+}
