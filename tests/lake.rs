@@ -896,7 +896,7 @@ async fn sigterm_and_sigint_commit_what_is_in_flight_and_exit_0() {
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
     for (round, sig) in [libc::SIGTERM, libc::SIGINT].into_iter().enumerate() {
-        let mut child = weir()
+        let child = weir()
             .args(["run", "--config"])
             .arg(&config)
             .stderr(Stdio::piped())
