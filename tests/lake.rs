@@ -952,3 +952,44 @@ async fn sigterm_and_sigint_commit_what_is_in_flight_and_exit_0() {
     assert_bank_replica_equals_source(&db, &lake).await;
     assert_change_log_has_no_duplicates(&lake, "transactions").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_table_backfills_again_keeping_the_change_history() {
+    let db = TestDb::new("addtable");
+    db.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY);
+         INSERT INTO t VALUES (1, 'a'), (2, 'b'); INSERT INTO u VALUES (7);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["public.t"], &lake);
+    run_until_now(&db, &cfg).await;
+    db.sql("INSERT INTO t VALUES (3, 'c'); DELETE FROM t WHERE id = 1;");
+    run_until_now(&db, &cfg).await;
+    // A new table in the configuration: a new backfill of everything.
+    let cfg = config(&db, &["public.t", "public.u"], &lake);
+    run_until_now(&db, &cfg).await;
+    assert_eq!(
+        lake_rows(&lake, "SELECT id, v FROM t ORDER BY id").await,
+        vec![vec!["2", "b"], vec!["3", "c"]]
+    );
+    assert_eq!(lake_rows(&lake, "SELECT id FROM u").await, vec![vec!["7"]]);
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT _op, id FROM t_changes WHERE NOT _snapshot ORDER BY _lsn, _seq"
+        )
+        .await,
+        vec![vec!["c", "3"], vec!["d", "1"]],
+        "the streamed history stays"
+    );
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT id FROM t_changes WHERE _snapshot ORDER BY id"
+        )
+        .await,
+        vec![vec!["2"], vec!["3"]],
+        "only the latest backfill's rows"
+    );
+}

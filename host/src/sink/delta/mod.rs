@@ -337,16 +337,19 @@ impl DeltaSink {
         }
     }
 
-    /// A backfill of `schema.table` starts: rows a previous, unfinished backfill left in
-    /// its tables are removed.
+    /// A backfill of `schema.table` starts (afresh: a new slot, a new snapshot): the
+    /// replica is emptied, to be rebuilt from the snapshot, and backfill rows an earlier
+    /// backfill left in the change log are removed (its streamed history stays).
     pub async fn begin_backfill(&mut self, table: &str) -> Result<(), DeltaError> {
         let key = qualified(table);
         if let Some(t) = self.tables.get_mut(&key) {
-            for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
-                if lt.exists() {
-                    tracing::info!(table = %lt.name, "clearing rows of an unfinished backfill");
-                    lt.delete_all(None).await?;
-                }
+            if t.replica.exists() {
+                tracing::info!(table = %t.replica.name, "emptying the replica for a new backfill");
+                t.replica.delete_all(None).await?;
+            }
+            if let Some(c) = t.changes.as_mut().filter(|c| c.exists()) {
+                c.delete_where(Some(&format!("{SNAPSHOT} = true")), None)
+                    .await?;
             }
         }
         Ok(())

@@ -321,12 +321,25 @@ impl LakeTable {
 
     /// Deletes every row (hard) and records `position` in the same commit.
     pub async fn delete_all(&mut self, position: Option<Lsn>) -> Result<(), DeltaError> {
+        self.delete_where(None, position).await
+    }
+
+    /// Deletes the rows matching `predicate` (SQL; every row without one) and records
+    /// `position` in the same commit.
+    pub async fn delete_where(
+        &mut self,
+        predicate: Option<&str>,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
         let table = self.take()?;
         let before = table.version();
-        let result = table
+        let mut builder = table
             .delete()
-            .with_commit_properties(self.properties(position))
-            .await;
+            .with_commit_properties(self.properties(position));
+        if let Some(p) = predicate {
+            builder = builder.with_predicate(p.to_string());
+        }
+        let result = builder.await;
         match result {
             Ok((table, _)) => self.finish(before, table, position).await,
             Err(e) => self.failed("deleting from", e).await,
