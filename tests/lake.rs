@@ -798,6 +798,44 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
         "{err}"
     );
 
+    // Plugin state: changes upserted by plugin and key, deletes forgotten, read back whole.
+    use weir::sink::delta::collection::{PLUGIN_STATE, load_state, write_state};
+    let mut state = open(PLUGIN_STATE).await;
+    let changes = |pairs: &[(&str, Option<&[u8]>)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(|v| v.to_vec())))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    write_state(
+        &mut state,
+        &[
+            (
+                "fraud_rule".into(),
+                changes(&[("u:7", Some(b"\x01\x02")), ("t:1", Some(b"x"))]),
+            ),
+            ("other".into(), changes(&[("k", Some(b"v"))])),
+        ],
+        Lsn(400),
+    )
+    .await
+    .unwrap();
+    write_state(
+        &mut state,
+        &[(
+            "fraud_rule".into(),
+            changes(&[("t:1", None), ("u:7", Some(b"\x03"))]),
+        )],
+        Lsn(500),
+    )
+    .await
+    .unwrap();
+    let loaded = load_state(&open(PLUGIN_STATE).await).await.unwrap();
+    assert_eq!(loaded["fraud_rule"].len(), 1);
+    assert_eq!(loaded["fraud_rule"]["u:7"], vec![3u8]);
+    assert_eq!(loaded["other"]["k"], b"v".to_vec());
+    assert_eq!(open(PLUGIN_STATE).await.version, Some(Lsn(500)));
+
     let mut dead = open(DEAD_LETTERS).await;
     write_dead_letters(
         &mut dead,

@@ -366,6 +366,11 @@ impl PluginInstance {
         &self.store.data().state
     }
 
+    /// The state keys committed since the last call (`None`: deleted), to checkpoint.
+    pub fn take_state_changes(&mut self) -> std::collections::HashMap<String, Option<Vec<u8>>> {
+        self.store.data_mut().state.take_changes()
+    }
+
     fn arm_deadline(&mut self) {
         let ticks = self
             .plugin

@@ -10,6 +10,9 @@ pub struct PluginState {
     committed: HashMap<String, Vec<u8>>,
     /// `None` marks a delete.
     pending: HashMap<String, Option<Vec<u8>>>,
+    /// Keys committed since the last [`PluginState::take_changes`] (`None`: deleted), for
+    /// checkpointing only what changed.
+    changed: HashMap<String, Option<Vec<u8>>>,
 }
 
 impl PluginState {
@@ -31,9 +34,23 @@ impl PluginState {
         self.pending.insert(key, None);
     }
 
+    /// A state holding `committed` (restored from a checkpoint).
+    pub fn from_committed(committed: HashMap<String, Vec<u8>>) -> PluginState {
+        PluginState {
+            committed,
+            ..PluginState::default()
+        }
+    }
+
+    /// The keys committed since the last call, with their values (`None`: deleted).
+    pub fn take_changes(&mut self) -> HashMap<String, Option<Vec<u8>>> {
+        std::mem::take(&mut self.changed)
+    }
+
     /// Makes the pending writes permanent.
     pub fn commit(&mut self) {
         for (key, value) in std::mem::take(&mut self.pending) {
+            self.changed.insert(key.clone(), value.clone());
             match value {
                 Some(v) => {
                     self.committed.insert(key, v);
@@ -69,6 +86,27 @@ impl PluginState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_are_what_was_committed_since_the_last_look() {
+        let mut s = PluginState::default();
+        s.set("a".into(), vec![1]);
+        s.set("b".into(), vec![2]);
+        s.commit();
+        s.set("c".into(), vec![3]);
+        s.rollback();
+        let first = s.take_changes();
+        assert_eq!(first.len(), 2);
+        assert_eq!(first["a"], Some(vec![1]));
+        s.delete("a".into());
+        s.commit();
+        let second = s.take_changes();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second["a"], None);
+        assert!(s.take_changes().is_empty());
+        let restored = PluginState::from_committed([("b".to_string(), vec![2])].into());
+        assert_eq!(restored.get("b"), Some(vec![2]));
+    }
 
     #[test]
     fn rollback_forgets_and_commit_keeps() {

@@ -178,6 +178,86 @@ pub async fn write_collection(
     table.upsert(batch, KEY, &columns, position).await
 }
 
+/// Name of the table holding the plugins' state.
+pub const PLUGIN_STATE: &str = "weir_plugin_state";
+
+/// A plugin's state changes: key → new value (`None`: deleted).
+pub type StateChanges = std::collections::HashMap<String, Option<Vec<u8>>>;
+
+fn state_fields() -> Vec<Field> {
+    vec![
+        Field::new(KEY, DataType::Utf8, true),
+        Field::new("plugin", DataType::Utf8, true),
+        Field::new("key", DataType::Utf8, true),
+        // base64; NULL once deleted.
+        Field::new("value", DataType::Utf8, true),
+    ]
+}
+
+/// Records the plugins' state changes (upsert by plugin and key), with `position` in the
+/// same commit: the state is then the plugins' state after every change before it.
+pub async fn write_state(
+    table: &mut LakeTable,
+    changes: &[(String, StateChanges)],
+    position: Lsn,
+) -> Result<(), DeltaError> {
+    use base64::Engine as _;
+    table.ensure_fields(&state_fields()).await?;
+    let target = table.arrow_schema().ok_or_else(|| DeltaError::Missing {
+        table: table.name.clone(),
+    })?;
+    let mut rows = Vec::new();
+    for (plugin, keys) in changes {
+        for (key, value) in keys {
+            let mut m = Map::new();
+            m.insert(KEY.into(), Value::String(format!("{plugin}\u{1f}{key}")));
+            m.insert("plugin".into(), Value::from(plugin.as_str()));
+            m.insert("key".into(), Value::from(key.as_str()));
+            m.insert(
+                "value".into(),
+                value.as_ref().map_or(Value::Null, |v| {
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(v))
+                }),
+            );
+            rows.push(m);
+        }
+    }
+    if rows.is_empty() {
+        return table.commit_position(position).await;
+    }
+    let batch = record_batch(target, &rows).map_err(|source| DeltaError::Arrow {
+        table: table.name.clone(),
+        source,
+    })?;
+    let columns: Vec<String> = state_fields().iter().map(|f| f.name().clone()).collect();
+    table.upsert(batch, KEY, &columns, Some(position)).await
+}
+
+/// Reads every plugin's state back: plugin → key → value.
+pub async fn load_state(
+    table: &LakeTable,
+) -> Result<std::collections::HashMap<String, std::collections::HashMap<String, Vec<u8>>>, DeltaError>
+{
+    use base64::Engine as _;
+    let mut out: std::collections::HashMap<String, std::collections::HashMap<String, Vec<u8>>> =
+        Default::default();
+    for row in table.rows(Some("value IS NOT NULL")).await? {
+        let (Some(plugin), Some(key), Some(value)) = (
+            row.get("plugin").and_then(Value::as_str),
+            row.get("key").and_then(Value::as_str),
+            row.get("value").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(value) {
+            out.entry(plugin.to_string())
+                .or_default()
+                .insert(key.to_string(), bytes);
+        }
+    }
+    Ok(out)
+}
+
 /// Columns of the dead-letter table.
 pub fn dead_letter_fields() -> Vec<Field> {
     vec![

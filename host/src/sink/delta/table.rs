@@ -539,6 +539,51 @@ impl LakeTable {
         }
     }
 
+    /// Every row matching `filter` (SQL over the table's columns; all rows without one),
+    /// as JSON objects in Arrow's JSON form. For small tables (plugin state).
+    pub async fn rows(&self, filter: Option<&str>) -> Result<Vec<Map<String, Value>>, DeltaError> {
+        let Some(table) = self.table.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let ctx = SessionContext::new();
+        let reading =
+            |e: deltalake::datafusion::error::DataFusionError| self.err("reading", e.into());
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.err("reading", e))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| self.err("reading", e.into()))?;
+        ctx.register_table("t", provider).map_err(reading)?;
+        let sql = match filter {
+            Some(f) => format!("SELECT * FROM t WHERE {f}"),
+            None => "SELECT * FROM t".to_string(),
+        };
+        let batches = ctx
+            .sql(&sql)
+            .await
+            .map_err(reading)?
+            .collect()
+            .await
+            .map_err(reading)?;
+        let arrow = |source| DeltaError::Arrow {
+            table: self.name.clone(),
+            source,
+        };
+        let mut writer = deltalake::arrow::json::ArrayWriter::new(Vec::new());
+        for b in &batches {
+            writer.write(b).map_err(arrow)?;
+        }
+        writer.finish().map_err(arrow)?;
+        let bytes = writer.into_inner();
+        Ok(if bytes.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_default()
+        })
+    }
+
     /// Runs `optimize` (compaction) and returns what it did.
     pub async fn optimize(&mut self) -> Result<String, DeltaError> {
         let table = self.take()?;
