@@ -26,6 +26,7 @@ fn config(db: &TestDb, tables: &[&str], lake: &Path) -> Config {
             change_log: true,
             ..LakeConfig::default()
         },
+        plugins: Vec::new(),
     }
 }
 
@@ -1030,4 +1031,120 @@ async fn adding_a_table_backfills_again_keeping_the_change_history() {
         vec![vec!["2"], vec!["3"]],
         "only the latest backfill's rows"
     );
+}
+
+fn fraud_rule() -> PathBuf {
+    PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")
+}
+
+/// The fraud rule's table, for comparing two lakes.
+async fn alerts(lake: &Path) -> Vec<Vec<String>> {
+    lake_rows(
+        lake,
+        "SELECT _key, is_anomaly, user_avg, amount, _lsn FROM fraud_alerts ORDER BY _key",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fraud_alerts_are_written_once_across_kills() {
+    let db = TestDb::new("alerts");
+    datagen(&db, 10_000.0, 0, 6).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The reference: the same stream, never interrupted (its own slot and lake).
+    let ref_lake = dir.path().join("ref-lake");
+    let mut reference = config(&db, &["public.users", "public.transactions"], &ref_lake);
+    reference.source.slot = "reference".into();
+    reference.plugins = vec![weir::config::PluginConfig {
+        path: fraud_rule(),
+        name: None,
+        config: Default::default(),
+        limits: Default::default(),
+    }];
+    run_until_now(&db, &reference).await;
+    // The one that gets killed.
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[plugins]]\npath = \"{}\"\n",
+        fraud_rule().display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let until = now_lsn(&db);
+    let first = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &until.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    let writer = {
+        let db_url = db.cluster.url_with_password(&db.db);
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let settings = weir::datagen::Settings {
+                users: 20,
+                rate: 400.0,
+                operations: Some(1500),
+                seed: 7,
+                ..weir::datagen::Settings::default()
+            };
+            weir::datagen::run(&client, &settings, std::future::pending())
+                .await
+                .unwrap();
+        })
+    };
+    for ms in [900u64, 400, 1300, 700] {
+        let child = weir()
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        tokio::task::spawn_blocking(move || {
+            let mut child = child;
+            child.wait().unwrap()
+        })
+        .await
+        .unwrap();
+    }
+    writer.await.unwrap();
+    let until = now_lsn(&db);
+    let last = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &until.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    run_until_now(&db, &reference).await;
+
+    assert_bank_replica_equals_source(&db, &lake).await;
+    let expected = alerts(&ref_lake).await;
+    assert!(
+        expected.len() > 1000,
+        "the rule scored the stream ({})",
+        expected.len()
+    );
+    assert!(
+        expected.iter().any(|r| r[1] == "true"),
+        "some anomalies flagged"
+    );
+    let got = alerts(&lake).await;
+    assert_same_rows(&expected, &got, "fraud_alerts after kills vs uninterrupted");
 }

@@ -40,6 +40,38 @@ pub struct Config {
     /// Where and how changes land in Delta Lake.
     #[serde(default)]
     pub lake: LakeConfig,
+    /// WebAssembly plugins every change goes through, in order.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// `[[plugins]]`: one WebAssembly component in the pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The component (`.wasm`).
+    pub path: PathBuf,
+    /// Its name in dead letters and state (default: the file name without `.wasm`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// CPU time, memory and output limits.
+    #[serde(default)]
+    pub limits: crate::plugin::Limits,
+}
+
+impl PluginConfig {
+    /// The plugin's name.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "plugin".into())
+        })
+    }
 }
 
 /// How a replica applies a delete.

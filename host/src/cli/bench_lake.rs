@@ -32,6 +32,7 @@ fn config(pg: &LocalPostgres, slot: &str, lake: &Path, delay: &str) -> Config {
             change_log: true,
             ..LakeConfig::default()
         },
+        plugins: Vec::new(),
     }
 }
 

@@ -190,6 +190,7 @@ pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
             change_log: true,
             ..weir::config::LakeConfig::default()
         },
+        plugins: Vec::new(),
     };
     eprintln!(
         "private PostgreSQL on port {} (database bank); the lake is {}\n\

@@ -36,6 +36,14 @@ impl Chain {
         &self.stages
     }
 
+    /// Each plugin's state changes since the last call.
+    pub fn take_state_changes(&mut self) -> Vec<(String, super::StateChanges)> {
+        self.stages
+            .iter_mut()
+            .map(|s| (s.name().to_string(), s.take_state_changes()))
+            .collect()
+    }
+
     /// Runs a batch of documents (JSON) through every plugin.
     pub fn process(&mut self, documents: Vec<String>) -> ChainOutput {
         let tables: Vec<Option<String>> =

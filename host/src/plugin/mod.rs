@@ -27,7 +27,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 pub use chain::{Chain, ChainOutput};
-pub use state::PluginState;
+pub use state::{PluginState, StateChanges};
 use store::StoreState;
 
 /// The contract version this host implements.
@@ -367,7 +367,7 @@ impl PluginInstance {
     }
 
     /// The state keys committed since the last call (`None`: deleted), to checkpoint.
-    pub fn take_state_changes(&mut self) -> std::collections::HashMap<String, Option<Vec<u8>>> {
+    pub fn take_state_changes(&mut self) -> StateChanges {
         self.store.data_mut().state.take_changes()
     }
 

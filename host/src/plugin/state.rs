@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 
+/// Keys committed since a checkpoint, with their new values (`None`: deleted).
+pub type StateChanges = HashMap<String, Option<Vec<u8>>>;
+
 /// Committed values plus the writes of the call in progress.
 #[derive(Debug, Default, Clone)]
 pub struct PluginState {
@@ -12,7 +15,7 @@ pub struct PluginState {
     pending: HashMap<String, Option<Vec<u8>>>,
     /// Keys committed since the last [`PluginState::take_changes`] (`None`: deleted), for
     /// checkpointing only what changed.
-    changed: HashMap<String, Option<Vec<u8>>>,
+    changed: StateChanges,
 }
 
 impl PluginState {
@@ -43,7 +46,7 @@ impl PluginState {
     }
 
     /// The keys committed since the last call, with their values (`None`: deleted).
-    pub fn take_changes(&mut self) -> HashMap<String, Option<Vec<u8>>> {
+    pub fn take_changes(&mut self) -> StateChanges {
         std::mem::take(&mut self.changed)
     }
 

@@ -181,8 +181,7 @@ pub async fn write_collection(
 /// Name of the table holding the plugins' state.
 pub const PLUGIN_STATE: &str = "weir_plugin_state";
 
-/// A plugin's state changes: key → new value (`None`: deleted).
-pub type StateChanges = std::collections::HashMap<String, Option<Vec<u8>>>;
+pub use crate::plugin::StateChanges;
 
 fn state_fields() -> Vec<Field> {
     vec![

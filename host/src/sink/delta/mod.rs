@@ -249,6 +249,14 @@ pub struct DeltaSink {
     tables: HashMap<(String, String), SourceTable>,
     /// Work done so far.
     pub stats: SinkStats,
+    lake: Lake,
+    pipeline: String,
+    checkpoint_interval: u64,
+    /// Plugin output tables, opened on first use.
+    collections: HashMap<String, LakeTable>,
+    dead_letters: Option<LakeTable>,
+    /// The plugins' state (when plugins are configured).
+    plugin_state: Option<LakeTable>,
 }
 
 impl DeltaSink {
@@ -288,9 +296,30 @@ impl DeltaSink {
                 },
             );
         }
+        let plugin_state = if config.plugins.is_empty() {
+            None
+        } else {
+            let name = collection::PLUGIN_STATE;
+            Some(
+                LakeTable::open(
+                    name,
+                    lake.table_url(name),
+                    lake.storage.clone(),
+                    &pipeline,
+                    cfg.checkpoint_interval,
+                )
+                .await?,
+            )
+        };
         Ok(DeltaSink {
             tables,
             stats: SinkStats::default(),
+            checkpoint_interval: cfg.checkpoint_interval,
+            lake,
+            pipeline,
+            collections: HashMap::new(),
+            dead_letters: None,
+            plugin_state,
         })
     }
 
@@ -298,6 +327,90 @@ impl DeltaSink {
         self.tables
             .values()
             .flat_map(|t| std::iter::once(&t.replica).chain(t.changes.as_ref()))
+            .chain(self.plugin_state.as_ref())
+    }
+
+    /// The plugins' saved state (plugin → key → value) and the position it is at; empty
+    /// for a fresh start (when it is also cleared).
+    pub async fn plugin_state(
+        &mut self,
+        fresh: bool,
+    ) -> Result<(HashMap<String, HashMap<String, Vec<u8>>>, Option<Lsn>), DeltaError> {
+        let Some(t) = self.plugin_state.as_mut() else {
+            return Ok((HashMap::new(), None));
+        };
+        if fresh {
+            if t.exists() {
+                t.delete_all(None).await?;
+            }
+            return Ok((HashMap::new(), None));
+        }
+        Ok((collection::load_state(t).await?, t.version))
+    }
+
+    async fn open_table(&self, name: &str) -> Result<LakeTable, DeltaError> {
+        LakeTable::open(
+            name,
+            self.lake.table_url(name),
+            self.lake.storage.clone(),
+            &self.pipeline,
+            self.checkpoint_interval,
+        )
+        .await
+    }
+
+    /// Writes what the plugins made of a batch: outputs into their collections, failures
+    /// into the dead-letter table, then (last, so that a crash before it replays the
+    /// batch through the plugins) their state, each commit with `position`. Rows that a
+    /// table already holds (before its version) are skipped.
+    pub async fn write_plugin_batch(
+        &mut self,
+        outputs: &HashMap<String, Vec<collection::OutputRow>>,
+        dead_letters: &[collection::DeadLetter],
+        state: &[(String, collection::StateChanges)],
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let mut names: Vec<&String> = outputs.keys().collect();
+        names.sort();
+        for name in names {
+            if !self.collections.contains_key(name.as_str()) {
+                let t = self.open_table(name).await?;
+                self.collections.insert(name.clone(), t);
+            }
+            let t = self
+                .collections
+                .get_mut(name.as_str())
+                .expect("opened above");
+            let rows: Vec<collection::OutputRow> = outputs[name]
+                .iter()
+                .filter(|r| t.version.is_none_or(|v| r.lsn >= v))
+                .cloned()
+                .collect();
+            if !rows.is_empty() {
+                collection::write_collection(t, &rows, position).await?;
+                self.stats.commits += 1;
+            }
+        }
+        if !dead_letters.is_empty() {
+            if self.dead_letters.is_none() {
+                self.dead_letters = Some(self.open_table(collection::DEAD_LETTERS).await?);
+            }
+            let t = self.dead_letters.as_mut().expect("opened above");
+            let rows: Vec<collection::DeadLetter> = dead_letters
+                .iter()
+                .filter(|r| t.version.is_none_or(|v| r.lsn >= v))
+                .cloned()
+                .collect();
+            if !rows.is_empty() {
+                collection::write_dead_letters(t, &rows, position).await?;
+                self.stats.commits += 1;
+            }
+        }
+        if let (Some(t), Some(p)) = (self.plugin_state.as_mut(), position) {
+            collection::write_state(t, state, p).await?;
+            self.stats.commits += 1;
+        }
+        Ok(())
     }
 
     /// Where the capture should start: after the lowest position every table holds, or

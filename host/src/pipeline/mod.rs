@@ -21,7 +21,11 @@ use crate::document::ChangeDocument;
 use crate::lsn::Lsn;
 use crate::sink::delta::{DeltaError, DeltaSink, SinkStats};
 use crate::source::relation::Relation;
-use crate::source::{Capture, CaptureEvent, CaptureOptions, SourceError};
+use crate::source::{Capture, CaptureEvent, CaptureOptions, Resume, SourceError};
+
+mod plugins;
+
+use plugins::{PluginBatch, PluginStage};
 
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +39,9 @@ pub enum PipelineError {
     /// The configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// A plugin could not be loaded or started.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::LoadError),
 }
 
 /// How a run ends, beyond a shutdown signal.
@@ -164,6 +171,8 @@ enum Job {
         docs: Vec<ChangeDocument>,
         position: Option<Lsn>,
         complete: bool,
+        /// What the plugins made of `docs`.
+        plugins: Option<PluginBatch>,
     },
 }
 
@@ -200,10 +209,16 @@ fn spawn_sink(
                     docs,
                     position,
                     complete,
+                    plugins,
                 } => {
                     let mut r = sink.write(&docs, position).await;
                     if let (Ok(()), Some(p), true) = (&r, position, complete) {
                         r = sink.complete(p).await;
+                    }
+                    if let (Ok(()), Some(b)) = (&r, &plugins) {
+                        r = sink
+                            .write_plugin_batch(&b.outputs, &b.dead_letters, &b.state, position)
+                            .await;
                     }
                     r.map(|()| {
                         let now = unix_ms();
@@ -240,6 +255,8 @@ fn spawn_sink(
 /// The pipeline's side of the sink task.
 struct SinkLink<'a> {
     jobs: Option<mpsc::Sender<Job>>,
+    /// The plugins, when configured.
+    plugins: Option<PluginStage>,
     /// Writes sent and not yet reported done.
     in_flight: usize,
     done: mpsc::UnboundedReceiver<Result<Done, DeltaError>>,
@@ -293,10 +310,13 @@ impl SinkLink<'_> {
         let Some(position) = end else { return Ok(()) };
         // Even with no changes the position goes through the sink, so that it is
         // acknowledged only after the writes before it.
+        let mut docs = docs;
+        let plugins = self.plugins.as_mut().map(|p| p.run(&mut docs, true));
         self.send(Job::Write {
             docs,
             position: Some(position),
             complete: false,
+            plugins,
         })
         .await
     }
@@ -306,12 +326,15 @@ impl SinkLink<'_> {
         if batch.docs.is_empty() {
             return Ok(());
         }
-        let docs = std::mem::take(&mut batch.docs);
+        let mut docs = std::mem::take(&mut batch.docs);
         *batch = Batch::default();
+        // The state changes wait for the end of the backfill, which has a position.
+        let plugins = self.plugins.as_mut().map(|p| p.run(&mut docs, false));
         self.send(Job::Write {
             docs,
             position: None,
             complete: false,
+            plugins,
         })
         .await
     }
@@ -328,9 +351,17 @@ pub async fn run(
     let delay = config.lake.update_delay().map_err(PipelineError::Config)?;
     let max_rows = config.lake.max_batch_rows;
     let max_bytes = config.lake.max_batch_bytes;
-    let sink = DeltaSink::open(config).await?;
+    let mut sink = DeltaSink::open(config).await?;
     let resume = sink.resume();
     tracing::info!(lake = %config.lake.url, ?resume, tables = ?sink.positions(), "lake opened");
+    let plugins = if config.plugins.is_empty() {
+        None
+    } else {
+        let (state, position) = sink.plugin_state(resume == Resume::Fresh).await?;
+        let stage = PluginStage::start(&config.plugins, state, position)?;
+        tracing::info!(plugins = config.plugins.len(), state_position = ?position, "plugins started");
+        Some(stage)
+    };
     let mut capture = Capture::start(
         &config.source,
         CaptureOptions {
@@ -351,6 +382,7 @@ pub async fn run(
     let mut batch = Batch::default();
     let mut link = SinkLink {
         jobs: Some(jobs),
+        plugins,
         in_flight: 0,
         done,
         opts: &opts,
@@ -393,11 +425,13 @@ pub async fn run(
                 }
                 CaptureEvent::BackfillDone { position } => {
                     batch.close_transaction(position);
-                    let (docs, _) = batch.take_complete();
+                    let (mut docs, _) = batch.take_complete();
+                    let plugins = link.plugins.as_mut().map(|p| p.run(&mut docs, true));
                     link.send(Job::Write {
                         docs,
                         position: Some(position),
                         complete: true,
+                        plugins,
                     })
                     .await?;
                     tracing::info!(%position, "backfill read; streaming");
