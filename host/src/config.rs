@@ -486,6 +486,13 @@ mod tests {
         let t = &config.lake.tables["public.transactions"];
         assert_eq!(t.delete, Some(DeleteMode::Soft));
         assert_eq!(t.change_log, Some(true));
+        assert_eq!(config.plugins.len(), 1);
+        assert_eq!(config.plugins[0].name(), "fraud_rule");
+        assert_eq!(config.plugins[0].limits.memory_mb, 64);
+        assert_eq!(
+            serde_json::to_value(&config.plugins[0].config).unwrap(),
+            serde_json::json!({"multiplier": 3.0})
+        );
     }
 
     #[test]

@@ -161,7 +161,8 @@ fn flush(sink: &mut JsonLinesSink, capture: &Capture) -> Result<()> {
 }
 
 /// Starts a private PostgreSQL with the bank schema, writes a few transactions a second
-/// into it (`weir datagen`'s generator), and runs the pipeline into a lake until Ctrl-C.
+/// into it (`weir datagen`'s generator), and runs the pipeline with the fraud rule into a
+/// lake until Ctrl-C.
 pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
     weir::source::install_crypto_provider();
     let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
@@ -190,11 +191,17 @@ pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
             change_log: true,
             ..weir::config::LakeConfig::default()
         },
-        plugins: Vec::new(),
+        // The fraud rule built with weir.
+        plugins: vec![weir::config::PluginConfig {
+            path: PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm"),
+            name: None,
+            config: Default::default(),
+            limits: Default::default(),
+        }],
     };
     eprintln!(
         "private PostgreSQL on port {} (database bank); the lake is {}\n\
-         try, in another terminal: weir query --lake {} \"SELECT * FROM transactions ORDER BY transaction_date DESC LIMIT 10\"",
+         try, in another terminal: weir query --lake {} \"SELECT transaction_id, user_id, amount, user_avg FROM fraud_alerts WHERE is_anomaly\"",
         pg.port(),
         lake.display(),
         lake.display()
