@@ -15,7 +15,8 @@
 //! - [`plugin`]: the WASM plugin host (wasmtime, component model), sandboxed and limited.
 //! - [`sink`]: where documents go: Delta tables (replica, change log) with the source
 //!   position in every commit; JSON lines files for `weir capture`.
-//! - [`pipeline`]: capture → sink with update delay, group commit and the checkpoint.
+//! - [`pipeline`]: capture → plugins → sink with update delay, group commit and the
+//!   checkpoint (plugin state included).
 //! - [`query`]: SQL over the lake (DataFusion).
 //! - [`config`]: the typed configuration.
 //! - [`local_postgres`]: a private PostgreSQL cluster for tests, demos and benchmarks.
