@@ -1148,3 +1148,84 @@ async fn fraud_alerts_are_written_once_across_kills() {
     let got = alerts(&lake).await;
     assert_same_rows(&expected, &got, "fraud_alerts after kills vs uninterrupted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_load_is_survived() {
+    let db = std::sync::Arc::new(TestDb::new("restart"));
+    datagen(&db, 10_000.0, 100, 8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    let log = dir.path().join("weir.log");
+    let child = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // A writer that keeps going through the restart (reconnecting when it must).
+    let writer = {
+        let url = db.cluster.url_with_password(&db.db);
+        tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut written = 0u32;
+            while std::time::Instant::now() < deadline {
+                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                tokio::spawn(conn);
+                while std::time::Instant::now() < deadline {
+                    let ok = client
+                        .batch_execute(
+                            "INSERT INTO transactions (user_id, transaction_date, amount) \
+                             VALUES (1 + (random() * 19)::int, now(), 42.00)",
+                        )
+                        .await
+                        .is_ok();
+                    if !ok {
+                        break;
+                    }
+                    written += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || db.cluster.restart().unwrap())
+            .await
+            .unwrap();
+    }
+    let written = writer.await.unwrap();
+    assert!(
+        written > 100,
+        "the writer wrote through the restart ({written})"
+    );
+    let until = now_lsn(&db);
+    let mut caught_up = false;
+    for _ in 0..600 {
+        if db.confirmed_flush("weir") >= until {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(caught_up, "weir resumed after the restart: {text}");
+    assert!(status.success(), "{text}");
+    assert!(text.contains("reconnecting"), "{text}");
+    assert_bank_replica_equals_source(&db, &lake).await;
+    assert_change_log_has_no_duplicates(&lake, "transactions").await;
+}
