@@ -58,6 +58,7 @@ pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline:
             .ok()
             .and_then(|v| v.parse().ok()),
         record_latency: false,
+        status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let result = run_with_retries(config, opts, stop_rx).await;
     signals.abort();

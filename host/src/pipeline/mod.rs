@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub crash_after_commits: Option<u64>,
     /// Record, per change, the time from its PostgreSQL commit to its Delta commit.
     pub record_latency: bool,
+    /// Show a one-line live status (changes, rate, position, lag) on standard error.
+    pub status_line: bool,
 }
 
 /// What a run did.
@@ -180,6 +182,8 @@ enum Job {
 struct Done {
     position: Option<Lsn>,
     changes: usize,
+    /// Commit time of the newest change written (Unix ms).
+    newest_ts_ms: Option<i64>,
     latencies_ms: Vec<u32>,
 }
 
@@ -225,6 +229,7 @@ fn spawn_sink(
                         Some(Done {
                             position,
                             changes: docs.len(),
+                            newest_ts_ms: docs.iter().map(|d| d.source.ts_ms).max(),
                             latencies_ms: if record_latency && !complete {
                                 docs.iter()
                                     .map(|d| (now - d.source.ts_ms).max(0) as u32)
@@ -257,6 +262,8 @@ struct SinkLink<'a> {
     jobs: Option<mpsc::Sender<Job>>,
     /// The plugins, when configured.
     plugins: Option<PluginStage>,
+    /// The live status line and when the run started.
+    status: Option<(indicatif::ProgressBar, Instant)>,
     /// Writes sent and not yet reported done.
     in_flight: usize,
     done: mpsc::UnboundedReceiver<Result<Done, DeltaError>>,
@@ -297,6 +304,17 @@ impl SinkLink<'_> {
             crash_point(self.opts, stats);
             capture.acknowledge(position);
             stats.position = Some(position);
+            if let Some((bar, started)) = &self.status {
+                let rate = stats.changes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                let lag = done
+                    .newest_ts_ms
+                    .map(|t| format!(", {} ms behind PostgreSQL", (unix_ms() - t).max(0)))
+                    .unwrap_or_default();
+                bar.set_message(format!(
+                    "{} changes ({rate:.0}/s) in {} commits, acknowledged {position}{lag}",
+                    stats.changes, stats.batches
+                ));
+            }
         }
         Ok(())
     }
@@ -380,9 +398,16 @@ pub async fn run(
     let (jobs, done, sink_task) = spawn_sink(sink, lake_runtime.handle(), opts.record_latency);
     let mut stats = RunStats::default();
     let mut batch = Batch::default();
+    let status = opts.status_line.then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(250));
+        bar.set_message("starting");
+        (bar, Instant::now())
+    });
     let mut link = SinkLink {
         jobs: Some(jobs),
         plugins,
+        status,
         in_flight: 0,
         done,
         opts: &opts,
@@ -468,6 +493,9 @@ pub async fn run(
         Ok(())
     }
     .await;
+    if let Some((bar, _)) = link.status.take() {
+        bar.finish_and_clear();
+    }
     drop(link);
     let sink_stats = sink_task.await;
     lake_runtime.shutdown_background();
