@@ -425,6 +425,32 @@ async fn datagen(db: &TestDb, rate: f64, operations: u64, seed: u64) {
         .unwrap();
 }
 
+/// `datagen` running on its own connection while the test goes on.
+fn datagen_in_background(
+    db: &TestDb,
+    rate: f64,
+    operations: u64,
+    seed: u64,
+) -> tokio::task::JoinHandle<()> {
+    let url = db.cluster.url_with_password(&db.db);
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let settings = weir::datagen::Settings {
+            users: 20,
+            rate,
+            operations: Some(operations),
+            seed,
+            ..weir::datagen::Settings::default()
+        };
+        weir::datagen::run(&client, &settings, std::future::pending())
+            .await
+            .unwrap();
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_delta_commit_and_the_acknowledgment_repeats_nothing() {
     let db = TestDb::new("crash");
@@ -536,25 +562,7 @@ async fn kill_9_at_random_moments_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
-    let writer = {
-        let db_url = db.cluster.url_with_password(&db.db);
-        tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let settings = weir::datagen::Settings {
-                users: 20,
-                rate: 300.0,
-                operations: Some(3000),
-                seed: 3,
-                ..weir::datagen::Settings::default()
-            };
-            weir::datagen::run(&client, &settings, std::future::pending())
-                .await
-                .unwrap();
-        })
-    };
+    let writer = datagen_in_background(&db, 300.0, 3000, 3);
     let mut rng = 0x9e3779b97f4a7c15u64;
     for round in 0..5 {
         let mut child = weir()
@@ -1084,25 +1092,7 @@ async fn fraud_alerts_are_written_once_across_kills() {
         String::from_utf8_lossy(&first.stderr)
     );
 
-    let writer = {
-        let db_url = db.cluster.url_with_password(&db.db);
-        tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let settings = weir::datagen::Settings {
-                users: 20,
-                rate: 400.0,
-                operations: Some(1500),
-                seed: 7,
-                ..weir::datagen::Settings::default()
-            };
-            weir::datagen::run(&client, &settings, std::future::pending())
-                .await
-                .unwrap();
-        })
-    };
+    let writer = datagen_in_background(&db, 400.0, 1500, 7);
     for ms in [900u64, 400, 1300, 700] {
         let child = weir()
             .args(["run", "--config"])

@@ -680,12 +680,7 @@ async fn write_replica(
     }
     let moved = reduced.needs_stored_values();
     if !moved.is_empty() {
-        let keys: Vec<String> = rel
-            .columns
-            .iter()
-            .filter(|c| c.key)
-            .map(|c| c.name.to_string())
-            .collect();
+        let keys = replica::key_columns(rel);
         for (id, values) in lt.stored_values(&keys, &moved).await? {
             reduced.set_stored_values(&id, values);
         }

@@ -93,70 +93,39 @@ impl Reduced {
                     .map(|(k, v)| (k.to_string(), v.clone()))
                     .collect();
                 let key = key_of(rel, &row);
-                // Where the row's unchanged values are: the same key, or the key an
-                // update moved it from.
-                let mut source_key = key.clone();
-                let mut moved_from = None;
-                if let Some(before) = &doc.before {
+                // An update that moved the row: the old key goes, and the row's earlier
+                // state (and stored values) are the old key's.
+                let old = doc.before.as_ref().and_then(|before| {
                     let old: Map<String, Value> = before
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.clone()))
                         .collect();
                     let old_key = key_of(rel, &old);
-                    if old_key != key {
-                        // The old row's state in this batch, if any, carries over.
-                        let carried =
-                            self.rows.get(&old_key).filter(|p| !p.delete).map(|p| {
-                                (p.row.clone(), p.unchanged.clone(), p.moved_from.clone())
-                            });
-                        source_key = old_key.clone();
-                        moved_from = match &carried {
-                            Some((_, _, from)) => from.clone(),
-                            None => Some(old.clone()),
-                        };
-                        self.set(
-                            old_key,
-                            Pending {
-                                delete: true,
-                                row: old,
-                                unchanged: Vec::new(),
-                                moved_from: None,
-                                stored: Map::new(),
-                                lsn,
-                                ts_ms,
-                            },
-                        );
-                        if let Some((row_before, unchanged_before, _)) = carried {
-                            self.fill_unchanged(&mut row, doc, &row_before, &unchanged_before);
-                            let unchanged = doc
-                                .unchanged
-                                .iter()
-                                .filter(|u| !row.contains_key(&***u))
-                                .map(|u| u.to_string())
-                                .collect();
-                            self.set(
-                                key,
-                                Pending {
-                                    delete: false,
-                                    row,
-                                    unchanged,
-                                    moved_from,
-                                    stored: Map::new(),
-                                    lsn,
-                                    ts_ms,
-                                },
-                            );
-                            return;
-                        }
-                    }
+                    (old_key != key).then_some((old_key, old))
+                });
+                let source_key = old.as_ref().map_or(&key, |(k, _)| k);
+                let previous = self
+                    .rows
+                    .get(source_key)
+                    .filter(|p| !p.delete)
+                    .map(|p| (p.row.clone(), p.unchanged.clone(), p.moved_from.clone()));
+                let mut moved_from = previous.as_ref().and_then(|p| p.2.clone());
+                if let Some((old_key, old_row)) = old {
+                    moved_from = moved_from.or_else(|| Some(old_row.clone()));
+                    self.set(
+                        old_key,
+                        Pending {
+                            delete: true,
+                            row: old_row,
+                            unchanged: Vec::new(),
+                            moved_from: None,
+                            stored: Map::new(),
+                            lsn,
+                            ts_ms,
+                        },
+                    );
                 }
-                let previous = self.rows.get(&source_key).filter(|p| !p.delete);
-                let (row_before, unchanged_before) = previous
-                    .map(|p| (p.row.clone(), p.unchanged.clone()))
-                    .unwrap_or_default();
-                if moved_from.is_none() {
-                    moved_from = previous.and_then(|p| p.moved_from.clone());
-                }
+                let (row_before, unchanged_before, _) = previous.unwrap_or_default();
                 self.fill_unchanged(&mut row, doc, &row_before, &unchanged_before);
                 let unchanged = doc
                     .unchanged
@@ -289,12 +258,7 @@ impl Reduced {
                 true,
             ));
         }
-        let keys: Vec<String> = rel
-            .columns
-            .iter()
-            .filter(|c| c.key)
-            .map(|c| c.name.to_string())
-            .collect();
+        let keys = key_columns(rel);
         let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
         let schema = project(target, &names, extra);
         let plan = MergePlan {
@@ -377,7 +341,7 @@ impl MergePlan {
 }
 
 /// A column name as a merge target (never split at dots, case kept).
-fn column(name: &str) -> deltalake::datafusion::common::Column {
+pub fn column(name: &str) -> deltalake::datafusion::common::Column {
     deltalake::datafusion::common::Column::new_unqualified(name)
 }
 
@@ -395,6 +359,15 @@ pub fn key_of(rel: &Relation, row: &Map<String, Value>) -> String {
         .map(|c| row.get(&*c.name).unwrap_or(&Value::Null))
         .collect();
     serde_json::to_string(&values).unwrap_or_default()
+}
+
+/// Names of the key columns of `rel`.
+pub fn key_columns(rel: &Relation) -> Vec<String> {
+    rel.columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| c.name.to_string())
+        .collect()
 }
 
 /// Whether a replica of `rel` can be kept by key.

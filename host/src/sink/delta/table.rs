@@ -16,7 +16,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use serde_json::{Map, Value};
 
 use super::DeltaError;
-use super::replica::quote;
+use super::replica::{column, quote};
 use crate::lsn::Lsn;
 
 /// Reopen a table after this many commits: the in-memory log state grows with every
@@ -433,42 +433,7 @@ impl LakeTable {
             select.join(", "),
             conditions.join(" OR ")
         );
-        let ctx = SessionContext::new();
-        let reading = |e: deltalake::datafusion::error::DataFusionError| {
-            self.err("reading stored values of", e.into())
-        };
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| self.err("reading", e))?;
-        let provider = table
-            .table_provider()
-            .await
-            .map_err(|e| self.err("reading", e.into()))?;
-        ctx.register_table("t", provider).map_err(reading)?;
-        let batches = ctx
-            .sql(&sql)
-            .await
-            .map_err(reading)?
-            .collect()
-            .await
-            .map_err(reading)?;
-        let mut writer = deltalake::arrow::json::ArrayWriter::new(Vec::new());
-        for b in &batches {
-            writer.write(b).map_err(|e| DeltaError::Arrow {
-                table: self.name.clone(),
-                source: e,
-            })?;
-        }
-        writer.finish().map_err(|e| DeltaError::Arrow {
-            table: self.name.clone(),
-            source: e,
-        })?;
-        let bytes = writer.into_inner();
-        let rows: Vec<Map<String, Value>> = if bytes.is_empty() {
-            Vec::new()
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_default()
-        };
+        let rows = self.query_json(table, &sql).await?;
         let mut out = Vec::new();
         for (id, key_row, columns) in wanted {
             let want: Vec<String> = key_columns
@@ -514,19 +479,13 @@ impl LakeTable {
                 .with_commit_properties(self.properties(position))
                 .when_matched_update(|mut u| {
                     for c in columns {
-                        u = u.update(
-                            deltalake::datafusion::common::Column::new_unqualified(c),
-                            format!("source.{}", quote(c)),
-                        );
+                        u = u.update(column(c), format!("source.{}", quote(c)));
                     }
                     u
                 })?
                 .when_not_matched_insert(|mut i| {
                     for c in columns {
-                        i = i.set(
-                            deltalake::datafusion::common::Column::new_unqualified(c),
-                            format!("source.{}", quote(c)),
-                        );
+                        i = i.set(column(c), format!("source.{}", quote(c)));
                     }
                     i
                 })?
@@ -545,6 +504,20 @@ impl LakeTable {
         let Some(table) = self.table.as_ref() else {
             return Ok(Vec::new());
         };
+        let sql = match filter {
+            Some(f) => format!("SELECT * FROM t WHERE {f}"),
+            None => "SELECT * FROM t".to_string(),
+        };
+        self.query_json(table, &sql).await
+    }
+
+    /// Runs `sql` over `table` (registered as `t`); rows as JSON objects in Arrow's JSON
+    /// form.
+    async fn query_json(
+        &self,
+        table: &DeltaTable,
+        sql: &str,
+    ) -> Result<Vec<Map<String, Value>>, DeltaError> {
         let ctx = SessionContext::new();
         let reading =
             |e: deltalake::datafusion::error::DataFusionError| self.err("reading", e.into());
@@ -556,12 +529,8 @@ impl LakeTable {
             .await
             .map_err(|e| self.err("reading", e.into()))?;
         ctx.register_table("t", provider).map_err(reading)?;
-        let sql = match filter {
-            Some(f) => format!("SELECT * FROM t WHERE {f}"),
-            None => "SELECT * FROM t".to_string(),
-        };
         let batches = ctx
-            .sql(&sql)
+            .sql(sql)
             .await
             .map_err(reading)?
             .collect()
