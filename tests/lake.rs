@@ -27,6 +27,7 @@ fn config(db: &TestDb, tables: &[&str], lake: &Path) -> Config {
             ..LakeConfig::default()
         },
         plugins: Vec::new(),
+        dashboard: None,
     }
 }
 

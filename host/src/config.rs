@@ -43,6 +43,85 @@ pub struct Config {
     /// WebAssembly plugins every change goes through, in order.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+    /// The web dashboard and `/metrics`; `weir run` serves them when this table is present.
+    #[serde(default)]
+    pub dashboard: Option<DashboardConfig>,
+}
+
+/// Default address of the dashboard: this machine only.
+pub const DEFAULT_DASHBOARD_LISTEN: &str = "127.0.0.1:8080";
+
+/// `[dashboard]`: the web page and `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Address and port to listen on.
+    #[serde(default = "default_dashboard_listen")]
+    pub listen: String,
+    /// Name of an environment variable holding an access token; when set, every request
+    /// needs it (`Authorization: Bearer <token>` or `?token=<token>`).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Path of a file holding the access token (trailing newline ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The lake table of transactions the fraud view plots.
+    #[serde(default = "default_transactions_table")]
+    pub transactions: String,
+    /// The lake table of users (names in the user picker).
+    #[serde(default = "default_users_table")]
+    pub users: String,
+    /// The lake table of the fraud rule's alerts.
+    #[serde(default = "default_alerts_table")]
+    pub alerts: String,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            listen: default_dashboard_listen(),
+            token_env: None,
+            token_file: None,
+            transactions: default_transactions_table(),
+            users: default_users_table(),
+            alerts: default_alerts_table(),
+        }
+    }
+}
+
+impl DashboardConfig {
+    /// The access token, if one is configured.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.token_env {
+            return std::env::var(var).map(Some).map_err(|_| {
+                format!("dashboard token: environment variable `{var}` (token_env) is not set")
+            });
+        }
+        if let Some(path) = &self.token_file {
+            return std::fs::read_to_string(path)
+                .map(|t| Some(t.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| {
+                    format!(
+                        "dashboard token: reading {} (token_file): {e}",
+                        path.display()
+                    )
+                });
+        }
+        Ok(None)
+    }
+}
+
+fn default_dashboard_listen() -> String {
+    DEFAULT_DASHBOARD_LISTEN.into()
+}
+fn default_transactions_table() -> String {
+    "transactions".into()
+}
+fn default_users_table() -> String {
+    "users".into()
+}
+fn default_alerts_table() -> String {
+    "fraud_alerts".into()
 }
 
 /// `[[plugins]]`: one WebAssembly component in the pipeline.

@@ -31,8 +31,10 @@ pub mod lsn;
 pub mod pipeline;
 pub mod plugin;
 pub mod query;
+pub mod serve;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
 
 pub use document::{ChangeDocument, Op};
 pub use lsn::Lsn;

@@ -39,11 +39,26 @@ pub enum QueryError {
     },
 }
 
+/// What a lake table is at the moment it was opened.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableDetails {
+    /// The table (folder) name.
+    pub name: String,
+    /// Its Delta version.
+    pub version: i64,
+    /// When that version was committed (Unix ms), when the log still says.
+    pub last_commit_ms: Option<i64>,
+    /// Its columns.
+    pub columns: Vec<String>,
+}
+
 /// A query session over one lake.
 pub struct LakeQuery {
     ctx: SessionContext,
     /// Names of the registered tables.
     pub tables: Vec<String>,
+    /// Per registered table: version, last commit time and columns.
+    pub details: Vec<TableDetails>,
     catalog: String,
     schema: String,
 }
@@ -59,6 +74,7 @@ impl LakeQuery {
         let ctx = SessionContext::new_with_config(config);
         let names = list_tables(lake).await?;
         let mut tables = Vec::new();
+        let mut details = Vec::new();
         for name in names {
             let table = deltalake::open_table_with_storage_options(
                 lake.table_url(&name),
@@ -82,6 +98,21 @@ impl LakeQuery {
                     table: name.clone(),
                     source: Box::new(e.into()),
                 })?;
+            let version = table.version().unwrap_or(0);
+            details.push(TableDetails {
+                name: name.clone(),
+                version: version as i64,
+                last_commit_ms: table
+                    .snapshot()
+                    .ok()
+                    .and_then(|s| s.version_timestamp(version)),
+                columns: provider
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect(),
+            });
             ctx.register_table(
                 TableReference::full(catalog.to_string(), schema.to_string(), name.clone()),
                 provider,
@@ -94,6 +125,7 @@ impl LakeQuery {
         Ok(LakeQuery {
             ctx,
             tables,
+            details,
             catalog: catalog.to_string(),
             schema: schema.to_string(),
         })
@@ -103,6 +135,35 @@ impl LakeQuery {
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
         let df = self.ctx.sql(sql).await.map_err(|e| self.explain(e))?;
         df.collect().await.map_err(|e| self.explain(e))
+    }
+
+    /// Runs `sql` and returns its rows as JSON objects (decimals and timestamps as
+    /// strings: cast in the SQL for numbers).
+    pub async fn json(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, QueryError> {
+        let batches = self.sql(sql).await?;
+        let mut writer = deltalake::arrow::json::ArrayWriter::new(Vec::new());
+        let failed = |e: deltalake::arrow::error::ArrowError| QueryError::Sql {
+            message: e.to_string(),
+        };
+        for b in &batches {
+            writer.write(b).map_err(failed)?;
+        }
+        writer.finish().map_err(failed)?;
+        let bytes = writer.into_inner();
+        if bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_slice(&bytes).map_err(|e| QueryError::Sql {
+            message: e.to_string(),
+        })
+    }
+
+    /// The table's details, when the lake has it.
+    pub fn table(&self, name: &str) -> Option<&TableDetails> {
+        self.details.iter().find(|t| t.name == name)
     }
 
     fn explain(&self, e: deltalake::datafusion::error::DataFusionError) -> QueryError {

@@ -33,6 +33,7 @@ fn config(pg: &LocalPostgres, slot: &str, lake: &Path, delay: &str) -> Config {
             ..LakeConfig::default()
         },
         plugins: Vec::new(),
+        dashboard: None,
     }
 }
 

@@ -160,6 +160,18 @@ fn flush(sink: &mut JsonLinesSink, capture: &Capture) -> Result<()> {
     Ok(())
 }
 
+/// The dashboard's usual address when free, else any free port on this machine.
+fn demo_listen_address() -> String {
+    let usual = weir::config::DEFAULT_DASHBOARD_LISTEN;
+    if std::net::TcpListener::bind(usual).is_ok() {
+        return usual.into();
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| usual.into())
+}
+
 /// Starts a private PostgreSQL with the bank schema, writes a few transactions a second
 /// into it (`weir datagen`'s generator), and runs the pipeline with the fraud rule into a
 /// lake until Ctrl-C.
@@ -198,6 +210,10 @@ pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
             config: Default::default(),
             limits: Default::default(),
         }],
+        dashboard: Some(weir::config::DashboardConfig {
+            listen: demo_listen_address(),
+            ..Default::default()
+        }),
     };
     eprintln!(
         "private PostgreSQL on port {} (database bank); the lake is {}\n\

@@ -8,6 +8,7 @@ mod datagen;
 mod plugin;
 mod query;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Run(run::RunArgs),
     /// Run SQL over the lake's Delta tables.
     Query(query::QueryArgs),
+    /// Serve the dashboard (fraud view, pipeline view) and /metrics over a lake.
+    Serve(serve::ServeArgs),
     /// Maintain the lake's tables.
     Lake {
         #[command(subcommand)]
@@ -68,6 +71,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let lake_work = matches!(
         cli.command,
         Command::Run(_)
+            | Command::Serve(_)
             | Command::Query(_)
             | Command::Lake { .. }
             | Command::Bench { .. }
@@ -87,6 +91,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             Command::Capture(args) => capture::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Query(args) => query::query(args).await,
+            Command::Serve(args) => serve::run(args).await,
             Command::Lake { command } => query::lake(command).await,
             Command::Datagen(args) => datagen::run(args).await,
             Command::Bench { which } => bench::run(which).await,

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -11,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use weir::Lsn;
 use weir::config::Config;
 use weir::pipeline::{self, RunOptions};
+use weir::telemetry::Telemetry;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -52,6 +54,16 @@ pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline:
         // Keep the sender alive until the pipeline is done.
         std::future::pending::<()>().await;
     });
+    // The dashboard, when configured: bound first, so a busy port stops us before the
+    // pipeline starts; stopped after the pipeline.
+    let (server_stop_tx, server_stop_rx) = tokio::sync::watch::channel(false);
+    let telemetry = Arc::new(Telemetry::new());
+    let server = match &config.dashboard {
+        Some(dash) => {
+            Some(super::serve::start(&config.lake, dash, telemetry.clone(), server_stop_rx).await?)
+        }
+        None => None,
+    };
     let opts = RunOptions {
         stop_at: until,
         crash_after_commits: std::env::var("WEIR_CRASH_AFTER_COMMITS")
@@ -59,9 +71,14 @@ pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline:
             .and_then(|v| v.parse().ok()),
         record_latency: false,
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        telemetry: Some(telemetry),
     };
     let result = run_with_retries(config, opts, stop_rx).await;
     signals.abort();
+    let _ = server_stop_tx.send(true);
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     Ok(result?)
 }
 

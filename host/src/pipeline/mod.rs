@@ -22,6 +22,7 @@ use crate::lsn::Lsn;
 use crate::sink::delta::{DeltaError, DeltaSink, SinkStats};
 use crate::source::relation::Relation;
 use crate::source::{Capture, CaptureEvent, CaptureOptions, Resume, SourceError};
+use crate::telemetry::{Telemetry, count_by_table};
 
 mod plugins;
 
@@ -56,6 +57,8 @@ pub struct RunOptions {
     pub record_latency: bool,
     /// Show a one-line live status (changes, rate, position, lag) on standard error.
     pub status_line: bool,
+    /// Where to record live figures (for `/metrics` and the dashboard).
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// What a run did.
@@ -185,6 +188,10 @@ struct Done {
     /// Commit time of the newest change written (Unix ms).
     newest_ts_ms: Option<i64>,
     latencies_ms: Vec<u32>,
+    /// Rows written per table (source tables, collections, dead letters).
+    rows: Vec<(String, u64)>,
+    /// How long the write took.
+    took: Duration,
 }
 
 /// Runs the sink on its own runtime (DataFusion merges keep its threads busy; the capture
@@ -215,6 +222,7 @@ fn spawn_sink(
                     complete,
                     plugins,
                 } => {
+                    let started = Instant::now();
                     let mut r = sink.write(&docs, position).await;
                     if let (Ok(()), Some(p), true) = (&r, position, complete) {
                         r = sink.complete(p).await;
@@ -226,7 +234,19 @@ fn spawn_sink(
                     }
                     r.map(|()| {
                         let now = unix_ms();
+                        let mut rows = count_by_table(&docs);
+                        if let Some(b) = &plugins {
+                            rows.extend(b.outputs.iter().map(|(c, o)| (c.clone(), o.len() as u64)));
+                            if !b.dead_letters.is_empty() {
+                                rows.push((
+                                    crate::sink::delta::collection::DEAD_LETTERS.to_string(),
+                                    b.dead_letters.len() as u64,
+                                ));
+                            }
+                        }
                         Some(Done {
+                            rows,
+                            took: started.elapsed(),
                             position,
                             changes: docs.len(),
                             newest_ts_ms: docs.iter().map(|d| d.source.ts_ms).max(),
@@ -297,6 +317,9 @@ impl SinkLink<'_> {
     ) -> Result<(), PipelineError> {
         let done = done?;
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(t) = &self.opts.telemetry {
+            t.committed(&done.rows, done.took, done.position, done.newest_ts_ms);
+        }
         stats.changes += done.changes as u64;
         if let Some(position) = done.position {
             stats.batches += 1;
@@ -319,6 +342,24 @@ impl SinkLink<'_> {
         Ok(())
     }
 
+    /// Counts the documents as captured and runs them through the plugins (with
+    /// `checkpoint`, their state changes are taken too).
+    fn process(&mut self, docs: &mut [ChangeDocument], checkpoint: bool) -> Option<PluginBatch> {
+        let telemetry = self.opts.telemetry.as_deref();
+        if let Some(t) = telemetry {
+            t.captured(docs);
+        }
+        let batch = self.plugins.as_mut().map(|p| p.run(docs, checkpoint))?;
+        if let Some(t) = telemetry {
+            t.plugins_took(batch.documents);
+            for (plugin, took) in &batch.timings {
+                t.plugin_ran(plugin, batch.documents, *took);
+            }
+            t.failed(&batch.dead_letters);
+        }
+        Some(batch)
+    }
+
     /// Hands the complete transactions of the batch to the sink.
     async fn flush(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
         if !batch.is_ready() {
@@ -329,7 +370,7 @@ impl SinkLink<'_> {
         // Even with no changes the position goes through the sink, so that it is
         // acknowledged only after the writes before it.
         let mut docs = docs;
-        let plugins = self.plugins.as_mut().map(|p| p.run(&mut docs, true));
+        let plugins = self.process(&mut docs, true);
         self.send(Job::Write {
             docs,
             position: Some(position),
@@ -347,7 +388,7 @@ impl SinkLink<'_> {
         let mut docs = std::mem::take(&mut batch.docs);
         *batch = Batch::default();
         // The state changes wait for the end of the backfill, which has a position.
-        let plugins = self.plugins.as_mut().map(|p| p.run(&mut docs, false));
+        let plugins = self.process(&mut docs, false);
         self.send(Job::Write {
             docs,
             position: None,
@@ -389,6 +430,9 @@ pub async fn run(
         },
     )
     .await?;
+    if let Some(t) = &opts.telemetry {
+        t.started(capture.progress());
+    }
     let lake_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("weir-lake")
@@ -451,7 +495,7 @@ pub async fn run(
                 CaptureEvent::BackfillDone { position } => {
                     batch.close_transaction(position);
                     let (mut docs, _) = batch.take_complete();
-                    let plugins = link.plugins.as_mut().map(|p| p.run(&mut docs, true));
+                    let plugins = link.process(&mut docs, true);
                     link.send(Job::Write {
                         docs,
                         position: Some(position),
@@ -495,6 +539,9 @@ pub async fn run(
     .await;
     if let Some((bar, _)) = link.status.take() {
         bar.finish_and_clear();
+    }
+    if let Some(t) = &opts.telemetry {
+        t.stopped();
     }
     drop(link);
     let sink_stats = sink_task.await;

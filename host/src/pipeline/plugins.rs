@@ -29,6 +29,10 @@ pub struct PluginBatch {
     pub dead_letters: Vec<DeadLetter>,
     /// State changes by plugin (empty until the batch carries a position).
     pub state: Vec<(String, StateChanges)>,
+    /// Documents run through the plugins.
+    pub documents: usize,
+    /// Per plugin: the time it took over the batch.
+    pub timings: Vec<(String, std::time::Duration)>,
 }
 
 /// The configured plugins, running.
@@ -76,6 +80,8 @@ impl PluginStage {
         if !todo.is_empty() {
             let inputs: Vec<String> = todo.iter().map(|&i| docs[i].to_json()).collect();
             let result = self.chain.process(inputs.clone());
+            out.documents = inputs.len();
+            out.timings = result.timings;
             for (j, text) in result.documents.iter().enumerate() {
                 if *text != inputs[j] {
                     replace_columns(&mut docs[todo[j]], text);

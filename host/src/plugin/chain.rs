@@ -18,6 +18,8 @@ pub struct ChainOutput {
     pub emitted: Vec<(usize, Emitted)>,
     /// Failures, with the index of the input document.
     pub failures: Vec<(usize, Failure)>,
+    /// Per plugin, in order: its name and the time it took over the batch.
+    pub timings: Vec<(String, std::time::Duration)>,
 }
 
 /// Plugin instances in order.
@@ -53,7 +55,10 @@ impl Chain {
             ..ChainOutput::default()
         };
         for stage in &mut self.stages {
+            let started = std::time::Instant::now();
             let outcomes = stage.process(&out.documents);
+            out.timings
+                .push((stage.name().to_string(), started.elapsed()));
             for (i, outcome) in outcomes.into_iter().enumerate() {
                 match outcome {
                     Err(failure) => out.failures.push((i, failure)),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod relation;
 mod setup;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
@@ -104,6 +105,32 @@ pub struct Capture {
     task: JoinHandle<Result<(), SourceError>>,
     /// Where PostgreSQL has last been told we stand (read by `shutdown`).
     reported: watch::Receiver<Lsn>,
+    progress: Arc<ServerProgress>,
+}
+
+/// What the server last told us of its WAL, and what we last told it.
+#[derive(Debug, Default)]
+pub struct ServerProgress {
+    wal_end: std::sync::atomic::AtomicU64,
+    confirmed: std::sync::atomic::AtomicU64,
+}
+
+impl ServerProgress {
+    /// The end of the server's WAL, as of its last message.
+    pub fn wal_end(&self) -> Lsn {
+        Lsn(self.wal_end.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The position last reported to the server as applied.
+    pub fn confirmed(&self) -> Lsn {
+        Lsn(self.confirmed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn update(&self, wal_end: u64, confirmed: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.wal_end.fetch_max(wal_end, Relaxed);
+        self.confirmed.store(confirmed, Relaxed);
+    }
 }
 
 impl Capture {
@@ -205,7 +232,9 @@ impl Capture {
             }
         };
 
+        let progress = Arc::new(ServerProgress::default());
         let worker = Worker {
+            progress: progress.clone(),
             slot: slot_name,
             events: Outbox::new(tx),
             ack: ack_rx,
@@ -237,7 +266,13 @@ impl Capture {
             stop: stop_tx,
             task,
             reported: reported_rx,
+            progress,
         })
+    }
+
+    /// The server's WAL end and what it was last told, for lag figures.
+    pub fn progress(&self) -> Arc<ServerProgress> {
+        self.progress.clone()
     }
 
     /// The next event; `Ok(None)` when the capture ended (stop position reached or
@@ -361,6 +396,7 @@ struct Backfill {
 }
 
 struct Worker {
+    progress: Arc<ServerProgress>,
     slot: String,
     events: Outbox,
     ack: watch::Receiver<Lsn>,
@@ -497,8 +533,13 @@ impl Worker {
                     ));
                 }
                 ReplicationEvent::XLogData {
-                    data, wal_start, ..
+                    data,
+                    wal_start,
+                    wal_end,
+                    ..
                 } => {
+                    self.progress
+                        .update(wal_end.0, repl.metrics().last_applied_lsn().0);
                     let msg = decode::decode(&data).map_err(|source| SourceError::Decode {
                         lsn: wal_start.into(),
                         source,
@@ -559,6 +600,8 @@ impl Worker {
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    self.progress
+                        .update(wal_end.0, repl.metrics().last_applied_lsn().0);
                     if txn.is_none() && self.stop_at.is_some_and(|stop| Lsn::from(wal_end) >= stop)
                     {
                         return Ok(());
