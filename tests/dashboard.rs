@@ -308,6 +308,16 @@ async fn the_dashboard_shows_each_users_flagged_transactions_in_red() {
         png.display()
     );
     eprintln!("screenshot: {}", png.display());
+    // The pipeline view, from the same run.
+    let dom = chromium_dom(&format!("http://{addr}/#pipeline"), None);
+    assert!(
+        dom.contains("fraud_rule") && dom.contains("weir_plugin_state"),
+        "{dom}"
+    );
+    chromium_dom(
+        &format!("http://{addr}/#pipeline"),
+        Some(&shots.join("pipeline.png")),
+    );
 
     // Another user: still exactly their anomalies.
     let other = users["users"][1]["user_id"].as_i64().unwrap();

@@ -269,10 +269,14 @@ mod tests {
         let svg = render("Ada <admin> (user 7)", &points);
         assert!(svg.contains(r#"class="point anomaly""#));
         assert!(svg.contains(r#"data-transaction-id="2""#));
-        assert_eq!(
-            svg.matches(r#"<circle class="point anomaly" cx"#).count(),
-            1
-        );
+        let red: Vec<&str> = svg
+            .split("<circle ")
+            .filter(|c| {
+                c.starts_with(r#"class="point anomaly""#) && c.contains("data-transaction-id")
+            })
+            .collect();
+        assert_eq!(red.len(), 1);
+        assert!(red[0].contains(r#"data-transaction-id="2""#));
         assert!(svg.contains("Ada &lt;admin&gt;"));
         assert!(svg.contains("user average then: 100.00"));
         assert!(svg.contains("amount: 900.00"));

@@ -148,9 +148,9 @@ async function refreshPipeline() {
     $("kpi-captured").textContent = live.running ? count(live.rates.captured) : "–";
     $("kpi-plugins").textContent = live.running ? count(live.rates.plugins) : "–";
     $("kpi-written").textContent = live.running ? count(live.rates.written) : "–";
-    $("kpi-commits").textContent = live.running ? `${count(live.totals.written)} changes in ${count(live.commits)} commits` : "changes/s into Delta";
+    $("kpi-commits").textContent = live.running ? `${count(live.totals.written)} rows in ${count(live.commits)} commits` : "changes/s into Delta";
     $("plugins").querySelector("tbody").innerHTML = live.plugins.map((x) =>
-      `<tr><td>${esc(x.name)}</td><td class="num">${count(x.documents)}</td><td class="num${x.failures ? " red" : ""}">${count(x.failures)}</td><td class="num">${(x.mean_ns_per_document / 1000).toFixed(1)}</td></tr>`
+      `<tr><td>${esc(x.name)}</td><td class="num">${count(x.documents)}</td><td class="num${x.failures ? " red" : ""}">${count(x.failures)}</td><td class="num">${(x.mean_ns_per_document / 1000).toFixed(1)} µs</td></tr>`
     ).join("") || `<tr><td colspan="4" class="muted">${live.running ? "No plugin configured." : "–"}</td></tr>`;
     const dead = p.dead_letters || { count: 0, recent: [] };
     $("dead-count").textContent = count(dead.count);
