@@ -402,9 +402,10 @@ async fn serve(lake: &Path, token: Option<&str>) -> (SocketAddr, tokio::sync::wa
     let addr = listener.local_addr().unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let dashboard = Dashboard {
-        lake_url: lake.display().to_string(),
-        catalog: "weir".into(),
-        schema: "default".into(),
+        lake: LakeConfig {
+            url: lake.display().to_string(),
+            ..LakeConfig::default()
+        },
         tables: DashboardConfig::default(),
         telemetry: Arc::new(Telemetry::new()),
         token: token.map(str::to_string),

@@ -78,13 +78,37 @@ fn batches_to_rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
     rows
 }
 
-async fn lake_query(lake: &Path, catalog: &str) -> LakeQuery {
-    let lake = Lake::open(&lake.display().to_string(), false).unwrap();
-    LakeQuery::open(&lake, catalog, "default").await.unwrap()
+/// A lake folder, or a lake with its object-store options.
+trait AsLake {
+    fn lake(&self) -> Lake;
+}
+
+impl AsLake for Path {
+    fn lake(&self) -> Lake {
+        Lake::open(&self.display().to_string(), false).unwrap()
+    }
+}
+
+impl AsLake for PathBuf {
+    fn lake(&self) -> Lake {
+        self.as_path().lake()
+    }
+}
+
+impl AsLake for Lake {
+    fn lake(&self) -> Lake {
+        self.clone()
+    }
+}
+
+async fn lake_query(lake: &(impl AsLake + ?Sized), catalog: &str) -> LakeQuery {
+    LakeQuery::open(&lake.lake(), catalog, "default")
+        .await
+        .unwrap()
 }
 
 /// Rows of a query over the lake, as display strings (`NULL` for null).
-async fn lake_rows(lake: &Path, sql: &str) -> Vec<Vec<String>> {
+async fn lake_rows(lake: &(impl AsLake + ?Sized), sql: &str) -> Vec<Vec<String>> {
     let q = lake_query(lake, "weir").await;
     let batches = q
         .sql(sql)
@@ -117,7 +141,7 @@ const BANK_LAKE: &str = "SELECT transaction_id, user_id, CAST(amount AS VARCHAR)
 const USERS_PG: &str = "SELECT user_id::text, name, email FROM users ORDER BY users.user_id";
 const USERS_LAKE: &str = "SELECT user_id, name, email FROM users ORDER BY user_id";
 
-async fn assert_bank_replica_equals_source(db: &TestDb, lake: &Path) {
+async fn assert_bank_replica_equals_source(db: &TestDb, lake: &(impl AsLake + ?Sized)) {
     let client = db.client().await;
     let pg = pg_rows(&client, BANK_PG).await;
     let delta = lake_rows(lake, BANK_LAKE).await;
@@ -143,7 +167,7 @@ fn assert_same_rows(source: &[Vec<String>], replica: &[Vec<String>], what: &str)
     );
 }
 
-async fn assert_change_log_has_no_duplicates(lake: &Path, table: &str) -> usize {
+async fn assert_change_log_has_no_duplicates(lake: &(impl AsLake + ?Sized), table: &str) -> usize {
     let rows = lake_rows(lake, &format!("SELECT _lsn, _seq FROM {table}_changes")).await;
     let unique: HashSet<&Vec<String>> = rows.iter().collect();
     assert_eq!(
@@ -882,19 +906,24 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_are_retried_or_refused_never_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    concurrent_writers(Lake::open(&lake_dir.display().to_string(), true).unwrap()).await;
+}
+
+/// Two pipelines and a stale handle of one of them commit to one table: the other
+/// pipeline's commit is retried on top, the stale one refused, nothing lost.
+async fn concurrent_writers(lake: Lake) {
     use deltalake::arrow::datatypes::{DataType, Field};
     use weir::sink::delta::schema::record_batch;
     use weir::sink::delta::table::LakeTable;
-    let dir = tempfile::tempdir().unwrap();
-    let lake_dir = dir.path().join("lake");
-    let lake = Lake::open(&lake_dir.display().to_string(), true).unwrap();
     let open = |pipeline: &'static str| {
         let lake = lake.clone();
         async move {
             LakeTable::open(
                 "log",
                 lake.table_url("log"),
-                Default::default(),
+                lake.storage.clone(),
                 pipeline,
                 100,
             )
@@ -929,7 +958,7 @@ async fn concurrent_writers_are_retried_or_refused_never_lost() {
         "{err}"
     );
     assert_eq!(
-        lake_rows(&lake_dir, "SELECT v FROM log ORDER BY v").await,
+        lake_rows(&lake, "SELECT v FROM log ORDER BY v").await,
         vec![vec!["1".to_string()], vec!["2".to_string()]]
     );
     assert_eq!(open("a").await.version, Some(Lsn(10)));
@@ -1219,4 +1248,212 @@ async fn a_postgres_restart_under_load_is_survived() {
     assert!(text.contains("reconnecting"), "{text}");
     assert_bank_replica_equals_source(&db, &lake).await;
     assert_change_log_has_no_duplicates(&lake, "transactions").await;
+}
+
+/// A lake on the test S3 server: its config (credentials left to the environment) and
+/// the same lake with credentials, for reading it back here.
+fn s3_lake(s3: &support::S3Server, bucket: &str) -> (LakeConfig, Lake) {
+    s3.create_bucket(bucket);
+    let cfg = LakeConfig {
+        url: format!("s3://{bucket}/bank"),
+        change_log: true,
+        storage: weir::config::StorageOptions(s3.options()),
+        ..LakeConfig::default()
+    };
+    let mut with_credentials = cfg.clone();
+    with_credentials.storage = weir::config::StorageOptions(s3.options_with_credentials());
+    (cfg, Lake::from_config(&with_credentials, false).unwrap())
+}
+
+/// `[lake]` of a config file for an S3 lake.
+fn s3_lake_toml(cfg: &LakeConfig) -> String {
+    let mut t = format!(
+        "[lake]\nurl = \"{}\"\nchange_log = true\n\n[lake.storage]\n",
+        cfg.url
+    );
+    for (k, v) in &cfg.storage.0 {
+        t.push_str(&format!("{k} = \"{v}\"\n"));
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lake_on_s3_is_exactly_once_across_kills() {
+    let s3 = support::S3Server::start();
+    let (lake_cfg, lake) = s3_lake(&s3, "weir-kills");
+    let db = TestDb::new("s3kill");
+    datagen(&db, 10_000.0, 200, 21).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("weir.toml");
+    let local = write_config(&db, &dir.path().join("unused"), dir.path());
+    let text = std::fs::read_to_string(&local).unwrap();
+    let source = &text[..text.find("[lake]").unwrap()];
+    std::fs::write(
+        &config,
+        format!(
+            "{source}{}\n[[plugins]]\npath = \"{}\"\n",
+            s3_lake_toml(&lake_cfg),
+            fraud_rule().display()
+        ),
+    )
+    .unwrap();
+    let run = |until: Option<Lsn>| {
+        let mut c = weir();
+        c.args(["run", "--config"]).arg(&config).envs(s3.env());
+        if let Some(u) = until {
+            c.args(["--until", &u.to_string()]);
+        }
+        c
+    };
+    let writer = datagen_in_background(&db, 300.0, 1500, 22);
+    let mut rng = 0x2545f4914f6cdd1du64;
+    for round in 0..4 {
+        let mut child = run(None).stderr(Stdio::null()).spawn().unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(900 + rng % 1800)).await;
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        assert!(!child.wait().unwrap().success(), "round {round}: killed");
+    }
+    writer.await.unwrap();
+    let out = run(Some(now_lsn(&db))).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_bank_replica_equals_source(&db, &lake).await;
+    let n = assert_change_log_has_no_duplicates(&lake, "transactions").await;
+    assert!(n > 1000, "the change log holds the stream ({n} rows)");
+    // Every transaction scored once by the fraud rule, on S3 too.
+    let scored = lake_rows(
+        &lake,
+        "SELECT count(*), count(DISTINCT _key) FROM fraud_alerts WHERE is_anomaly IS NOT NULL",
+    )
+    .await;
+    assert_eq!(scored[0][0], scored[0][1]);
+    let live = lake_rows(&lake, "SELECT count(*) FROM transactions").await;
+    assert_eq!(
+        scored[0][0], live[0][0],
+        "one alert row per live transaction"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_s3_use_conditional_puts_and_lose_nothing() {
+    let s3 = support::S3Server::start();
+    let (_, lake) = s3_lake(&s3, "weir-concurrent");
+    concurrent_writers(lake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_credentials_never_reach_logs_errors_or_tables() {
+    let s3 = support::S3Server::start();
+    let (lake_cfg, lake) = s3_lake(&s3, "weir-secrets");
+    let db = TestDb::new("s3secret");
+    datagen(&db, 10_000.0, 100, 31).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = write_config(&db, &dir.path().join("unused"), dir.path());
+    let text = std::fs::read_to_string(&local).unwrap();
+    let source = &text[..text.find("[lake]").unwrap()];
+    // Credentials in the environment (the usual way) for one run...
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, format!("{source}{}", s3_lake_toml(&lake_cfg))).unwrap();
+    let mut logs = String::new();
+    let out = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &now_lsn(&db).to_string()])
+        .envs(s3.env())
+        .env("WEIR_LOG", "debug")
+        .output()
+        .unwrap();
+    logs.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{logs}");
+    // ...and in the file's [lake.storage] for a query, and for one that fails.
+    let mut with_keys = lake_cfg.clone();
+    with_keys.storage = weir::config::StorageOptions(s3.options_with_credentials());
+    let keyed = dir.path().join("keyed.toml");
+    std::fs::write(&keyed, format!("{source}{}", s3_lake_toml(&with_keys))).unwrap();
+    let out = weir()
+        .args(["query", "--config"])
+        .arg(&keyed)
+        .args(["SELECT count(*) FROM transactions"])
+        .env("WEIR_LOG", "debug")
+        .output()
+        .unwrap();
+    logs.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{logs}");
+    let mut unreachable = with_keys.clone();
+    unreachable
+        .storage
+        .0
+        .insert("aws_endpoint".into(), "http://127.0.0.1:9".into());
+    // Give up fast instead of object_store's usual retries.
+    for (k, v) in [("max_retries", "1"), ("retry_timeout", "2s")] {
+        unreachable.storage.0.insert(k.into(), v.into());
+    }
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, format!("{source}{}", s3_lake_toml(&unreachable))).unwrap();
+    for args in [
+        vec!["query", "SELECT count(*) FROM transactions"],
+        vec!["lake", "optimize"],
+    ] {
+        let out = weir()
+            .args(&args[..1])
+            .args(if args[0] == "lake" {
+                &args[1..]
+            } else {
+                &[][..]
+            })
+            .arg("--config")
+            .arg(&broken)
+            .args(if args[0] == "query" {
+                &args[1..]
+            } else {
+                &[][..]
+            })
+            .env("WEIR_LOG", "debug")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "{args:?} against a closed port fails: {err}"
+        );
+        logs.push_str(&err);
+    }
+    let run_err = weir()
+        .args(["run", "--config"])
+        .arg(&broken)
+        .args(["--until", &now_lsn(&db).to_string()])
+        .env("WEIR_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(!run_err.status.success());
+    logs.push_str(&String::from_utf8_lossy(&run_err.stderr));
+    assert!(
+        logs.contains("127.0.0.1:9"),
+        "the errors name the endpoint:\n{logs}"
+    );
+    assert!(
+        !logs.contains(support::S3_SECRET_KEY),
+        "the secret key leaked into the output:\n{logs}"
+    );
+    // Nor in any table.
+    let q = lake_query(&lake, "weir").await;
+    for table in &q.tables {
+        let rows = q.json(&format!("SELECT * FROM `{table}`")).await.unwrap();
+        let text = serde_json::to_string(&rows).unwrap();
+        assert!(
+            !text.contains(support::S3_SECRET_KEY),
+            "{table} holds the secret"
+        );
+        assert!(
+            !text.contains(support::S3_ACCESS_KEY),
+            "{table} holds the key id"
+        );
+    }
+    assert!(q.tables.contains(&"transactions".to_string()));
 }

@@ -203,6 +203,23 @@ pub struct LakeConfig {
     /// Per source table (`schema.table`) settings.
     #[serde(default)]
     pub tables: std::collections::BTreeMap<String, LakeTableConfig>,
+    /// Object-store options (`endpoint`, `region`, `allow_http`, ...) for `s3://`,
+    /// `gs://` and `az://` lakes; credentials are best left to the stores' standard
+    /// environment variables.
+    #[serde(default)]
+    pub storage: StorageOptions,
+}
+
+/// `[lake.storage]`: object-store options as the deltalake crate names them. They may
+/// hold credentials, so only their names are ever shown.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct StorageOptions(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for StorageOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
 }
 
 /// `[lake.tables."schema.table"]`: one source table's Delta tables.
@@ -235,6 +252,7 @@ impl Default for LakeConfig {
             catalog: default_catalog(),
             schema: default_schema(),
             tables: Default::default(),
+            storage: Default::default(),
         }
     }
 }

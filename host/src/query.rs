@@ -217,12 +217,11 @@ async fn list_remote_tables(lake: &Lake) -> Result<Vec<String>, QueryError> {
         url: lake.root.to_string(),
         reason,
     };
+    // The store is rooted at the lake's prefix already.
     let store = deltalake::logstore::store_for(&lake.root, lake.storage.clone())
         .map_err(|e| err(e.to_string()))?;
-    let prefix =
-        deltalake::Path::from_url_path(lake.root.path()).map_err(|e| err(e.to_string()))?;
     let listing = store
-        .list_with_delimiter(Some(&prefix))
+        .list_with_delimiter(None)
         .await
         .map_err(|e| err(e.to_string()))?;
     let mut names = Vec::new();

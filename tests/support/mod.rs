@@ -125,3 +125,111 @@ pub async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A private S3-compatible server for object-store tests: moto's server (`moto[server]`
+/// from PyPI, installed by `tests/run.sh` into `~/.cache/weir-venv`, or
+/// `$WEIR_MOTO_SERVER`) on a free loopback port, stopped when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    port: u16,
+}
+
+/// Credentials the test S3 server is given (it accepts any).
+pub const S3_ACCESS_KEY: &str = "AKIAWEIRTESTKEY00001";
+pub const S3_SECRET_KEY: &str = "weir-test-secret-9f8e7d6c5b4a";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let bin = std::env::var_os("WEIR_MOTO_SERVER")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/weir-venv/bin/moto_server")
+            });
+        assert!(
+            bin.exists(),
+            "the S3 test server is missing at {}: run ./tests/run.sh (it installs moto[server] \
+             from PyPI into ~/.cache/weir-venv) or set WEIR_MOTO_SERVER",
+            bin.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the S3 test server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+        }
+    }
+
+    /// Creates a bucket (moto takes unsigned requests).
+    pub fn create_bucket(&self, name: &str) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "creating bucket {name}: {answer}"
+        );
+    }
+
+    /// `[lake.storage]` options for this server, without credentials.
+    pub fn options(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("aws_endpoint", self.endpoint.as_str()),
+            ("aws_region", "us-east-1"),
+            ("aws_allow_http", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// The same with the test credentials.
+    pub fn options_with_credentials(&self) -> std::collections::BTreeMap<String, String> {
+        let mut o = self.options();
+        o.insert("aws_access_key_id".into(), S3_ACCESS_KEY.into());
+        o.insert("aws_secret_access_key".into(), S3_SECRET_KEY.into());
+        o
+    }
+
+    /// The credentials as the standard AWS environment variables.
+    pub fn env(&self) -> [(&'static str, &'static str); 2] {
+        [
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

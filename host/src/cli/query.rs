@@ -58,7 +58,7 @@ pub struct QueryArgs {
 
 pub async fn query(args: QueryArgs) -> Result<ExitCode> {
     let cfg = args.lake.lake_config()?;
-    let lake = Lake::open(&cfg.url, false)?;
+    let lake = Lake::from_config(&cfg, false)?;
     let q = LakeQuery::open(&lake, &cfg.catalog, &cfg.schema).await?;
     let batches = q.sql(&args.sql).await?;
     print(&batches, args.format)?;

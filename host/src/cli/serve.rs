@@ -78,9 +78,7 @@ pub async fn start(
     let listener = serve::bind(&dash.listen).await?;
     let addr = listener.local_addr()?;
     let dashboard = Dashboard {
-        lake_url: lake.url.clone(),
-        catalog: lake.catalog.clone(),
-        schema: lake.schema.clone(),
+        lake: lake.clone(),
         tables: dash.clone(),
         telemetry,
         token,

@@ -41,12 +41,9 @@ const CHART_POINTS: usize = 2000;
 
 /// What the dashboard serves.
 pub struct Dashboard {
-    /// The lake it reads (opened on every request: it may not exist yet).
-    pub lake_url: String,
-    /// Catalog and schema the tables are registered under.
-    pub catalog: String,
-    /// See `catalog`.
-    pub schema: String,
+    /// The lake it reads (opened on every request: it may not exist yet), with the
+    /// catalog and schema its tables are registered under.
+    pub lake: crate::config::LakeConfig,
     /// Which lake tables the fraud view reads.
     pub tables: DashboardConfig,
     /// The pipeline's live figures, when one runs in this process.
@@ -212,15 +209,15 @@ async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
 
 /// Opens the lake for one request; an empty or missing lake is said plainly.
 async fn open(state: &Dashboard) -> Result<LakeQuery, ApiError> {
-    let lake = &state.lake_url;
+    let lake = &state.lake.url;
     let not_ready = |e: &dyn std::fmt::Display| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("The lake {lake} cannot be read yet ({e}). Start `weir run` to fill it."),
         )
     };
-    let opened = Lake::open(lake, false).map_err(|e| not_ready(&e))?;
-    let q = LakeQuery::open(&opened, &state.catalog, &state.schema)
+    let opened = Lake::from_config(&state.lake, false).map_err(|e| not_ready(&e))?;
+    let q = LakeQuery::open(&opened, &state.lake.catalog, &state.lake.schema)
         .await
         .map_err(|e| match e {
             crate::query::QueryError::Lake { .. } => not_ready(&e),
@@ -472,9 +469,9 @@ async fn pipeline(State(state): State<Shared>) -> Result<axum::Json<Value>, ApiE
         "live".into(),
         serde_json::to_value(&live).unwrap_or(Value::Null),
     );
-    out.insert("lake".into(), Value::from(state.lake_url.clone()));
-    let opened = match Lake::open(&state.lake_url, false) {
-        Ok(lake) => LakeQuery::open(&lake, &state.catalog, &state.schema)
+    out.insert("lake".into(), Value::from(state.lake.url.clone()));
+    let opened = match Lake::from_config(&state.lake, false) {
+        Ok(lake) => LakeQuery::open(&lake, &state.lake.catalog, &state.lake.schema)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),

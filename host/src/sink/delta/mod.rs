@@ -161,7 +161,18 @@ impl Lake {
             if !u.path().ends_with('/') {
                 u.set_path(&format!("{}/", u.path()));
             }
-            deltalake::aws::register_handlers(None);
+            match u.scheme() {
+                "s3" | "s3a" => deltalake::aws::register_handlers(None),
+                "gs" => deltalake::gcp::register_handlers(None),
+                "az" | "abfs" | "abfss" | "azure" | "adl" => {
+                    deltalake::azure::register_handlers(None)
+                }
+                other => {
+                    return Err(location(format!(
+                        "`{other}://` is not a supported store (use a folder, s3://, gs:// or az://)"
+                    )));
+                }
+            }
             u
         } else {
             let path = std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
@@ -186,6 +197,18 @@ impl Lake {
             root,
             storage: HashMap::new(),
         })
+    }
+
+    /// The lake of a `[lake]` configuration: its URL and object-store options.
+    pub fn from_config(cfg: &LakeConfig, create: bool) -> Result<Lake, DeltaError> {
+        let mut lake = Lake::open(&cfg.url, create)?;
+        lake.storage = cfg
+            .storage
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(lake)
     }
 
     /// URL of the table folder `name`.
@@ -264,7 +287,7 @@ impl DeltaSink {
     /// where each stands.
     pub async fn open(config: &Config) -> Result<DeltaSink, DeltaError> {
         let cfg = &config.lake;
-        let lake = Lake::open(&cfg.url, true)?;
+        let lake = Lake::from_config(cfg, true)?;
         let pipeline = cfg.pipeline.clone().unwrap_or(config.source.slot.clone());
         let mut tables = HashMap::new();
         for t in &config.source.tables {
