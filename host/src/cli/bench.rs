@@ -38,6 +38,17 @@ pub enum BenchCommand {
         /// Length of the latency run, seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Also write the throughput workload into this S3 lake (`s3://bucket/prefix`, the
+        /// bucket must exist; credentials from the AWS environment variables) and compare
+        /// it with the local folder.
+        #[arg(long)]
+        s3_lake: Option<String>,
+        /// Endpoint of an S3-compatible server for `--s3-lake` (default: AWS).
+        #[arg(long, requires = "s3_lake")]
+        s3_endpoint: Option<String>,
+        /// Skip the latency run.
+        #[arg(long)]
+        no_latency: bool,
     },
     /// The fraud rule as WebAssembly against the same rule compiled into weir.
     Plugin {
@@ -57,9 +68,15 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
             transactions,
             rate,
             seconds,
+            s3_lake,
+            s3_endpoint,
+            no_latency,
         } => {
-            super::bench_lake::throughput(rows, transactions.max(1)).await?;
-            super::bench_lake::latency(rate.max(1), seconds.max(1)).await?;
+            let s3 = s3_lake.map(|url| (url, s3_endpoint));
+            super::bench_lake::throughput(rows, transactions.max(1), s3).await?;
+            if !no_latency {
+                super::bench_lake::latency(rate.max(1), seconds.max(1)).await?;
+            }
         }
         BenchCommand::Plugin { docs, wasm } => {
             let wasm = wasm.unwrap_or_else(|| {

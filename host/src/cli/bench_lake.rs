@@ -62,8 +62,13 @@ fn rate(rows: u64, d: Duration) -> f64 {
     rows as f64 / d.as_secs_f64().max(1e-9)
 }
 
-/// Throughput of `rows` changes in `transactions` transactions, at update delay 0 and 1 s.
-pub async fn throughput(rows: u64, transactions: u64) -> Result<()> {
+/// Throughput of `rows` changes in `transactions` transactions, at update delay 0 and 1 s,
+/// and (with `s3`: lake URL and endpoint) at delay 0 into an S3 lake.
+pub async fn throughput(
+    rows: u64,
+    transactions: u64,
+    s3: Option<(String, Option<String>)>,
+) -> Result<()> {
     weir::source::install_crypto_provider();
     let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
     pg.create_database("bench")?;
@@ -73,12 +78,34 @@ pub async fn throughput(rows: u64, transactions: u64) -> Result<()> {
         "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')",
     )?;
     let work = tempfile::tempdir()?;
-    let configs = [
-        config(&pg, "bench_d0", &work.path().join("lake0"), "0s"),
-        config(&pg, "bench_d1", &work.path().join("lake1"), "1s"),
+    let mut configs = vec![
+        (
+            config(&pg, "bench_d0", &work.path().join("lake0"), "0s"),
+            "update delay 0s",
+        ),
+        (
+            config(&pg, "bench_d1", &work.path().join("lake1"), "1s"),
+            "update delay 1s",
+        ),
     ];
+    if let Some((url, endpoint)) = s3 {
+        let mut cfg = config(&pg, "bench_s3", &work.path().join("unused"), "0s");
+        // A fresh prefix per run: the bench's slots and tables start empty.
+        cfg.lake.url = format!("{}/bench-{}", url.trim_end_matches('/'), std::process::id());
+        if let Some(e) = endpoint {
+            let storage = &mut cfg.lake.storage.0;
+            if e.starts_with("http://") {
+                storage.insert("aws_allow_http".into(), "true".into());
+            }
+            storage.insert("aws_endpoint".into(), e);
+            if std::env::var_os("AWS_REGION").is_none() {
+                storage.insert("aws_region".into(), "us-east-1".into());
+            }
+        }
+        configs.push((cfg, "update delay 0s, lake on S3"));
+    }
     // Slots, (empty) backfills and tables before the workload.
-    for cfg in &configs {
+    for (cfg, _) in &configs {
         let until = now_lsn(&pg)?;
         run_until(cfg, Some(until), false).await?;
     }
@@ -126,19 +153,28 @@ pub async fn throughput(rows: u64, transactions: u64) -> Result<()> {
         baseline.as_secs_f64(),
         rate(rows, baseline)
     );
-    for (cfg, label) in configs.iter().zip(["0s", "1s"]) {
+    let mut local_replica_rate = None;
+    for (cfg, label) in &configs {
         let started = Instant::now();
         let stats = run_until(cfg, Some(until), false).await?;
         let wall = started.elapsed();
         let s = &stats.sink;
+        let replica_rate = rate(s.replica_rows, s.replica_time);
+        let vs_local = match local_replica_rate {
+            Some(local) if cfg.lake.url.contains("://") => {
+                format!(" (replica {:.2}x the local folder)", replica_rate / local)
+            }
+            _ => String::new(),
+        };
+        local_replica_rate.get_or_insert(replica_rate);
         println!(
-            "weir, update delay {label}: {} changes in {:.2} s = {:.0} changes/s ({:.2}x pg_recvlogical); \
-             replica merge {:.0} rows/s, change log append {:.0} rows/s; {} Delta commits ({:.1}/s)",
+            "weir, {label}: {} changes in {:.2} s = {:.0} changes/s ({:.2}x pg_recvlogical); \
+             replica merge {:.0} rows/s{vs_local}, change log append {:.0} rows/s; {} Delta commits ({:.1}/s)",
             stats.changes,
             wall.as_secs_f64(),
             rate(stats.changes, wall),
             rate(stats.changes, wall) / rate(rows, baseline),
-            rate(s.replica_rows, s.replica_time),
+            replica_rate,
             rate(s.log_rows, s.log_time),
             s.commits,
             s.commits as f64 / wall.as_secs_f64()
