@@ -1457,3 +1457,113 @@ async fn object_store_credentials_never_reach_logs_errors_or_tables() {
     }
     assert!(q.tables.contains(&"transactions".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
+    let db = TestDb::new("recall");
+    let client = db.client().await;
+    // Inserts only, so that which anomalies the rule's definition covers is exact.
+    let settings = weir::datagen::Settings {
+        users: 15,
+        rate: 400.0,
+        operations: Some(1200),
+        anomaly_share: 0.08,
+        update_share: 0.0,
+        delete_share: 0.0,
+        seed: 41,
+        ..weir::datagen::Settings::default()
+    };
+    weir::datagen::prepare(&client, &settings).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[plugins]]\npath = \"{}\"\n",
+        fraud_rule().display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("run.log");
+    let child = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // A steady rate while the pipeline runs.
+    weir::datagen::run(&client, &settings, std::future::pending())
+        .await
+        .unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{logs}");
+    let until = now_lsn(&db);
+    let last = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &until.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    assert_bank_replica_equals_source(&db, &lake).await;
+
+    let truth: HashSet<i64> = db
+        .sql("SELECT transaction_id FROM weir_ground_truth")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let flagged: HashSet<i64> = lake_rows(
+        &lake,
+        "SELECT transaction_id FROM fraud_alerts WHERE is_anomaly",
+    )
+    .await
+    .iter()
+    .map(|r| r[0].parse().unwrap())
+    .collect();
+    // The rule's definition, replayed over the source: amount over 3x the average of the
+    // user's earlier transactions (at least one).
+    let mut expected = HashSet::new();
+    let mut history: std::collections::HashMap<i64, (u32, f64)> = Default::default();
+    for line in db
+        .sql("SELECT transaction_id, user_id, amount FROM transactions ORDER BY transaction_id")
+        .lines()
+    {
+        let mut f = line.split('|');
+        let id: i64 = f.next().unwrap().parse().unwrap();
+        let user: i64 = f.next().unwrap().parse().unwrap();
+        let amount: f64 = f.next().unwrap().parse().unwrap();
+        let (count, sum) = history.entry(user).or_default();
+        if *count >= 1 && amount > 3.0 * (*sum / *count as f64) {
+            expected.insert(id);
+        }
+        *count += 1;
+        *sum += amount;
+    }
+    let hits = flagged.intersection(&truth).count();
+    let precision = hits as f64 / flagged.len().max(1) as f64;
+    let recall = hits as f64 / truth.len().max(1) as f64;
+    eprintln!(
+        "fraud rule through the pipeline: {} anomalies injected, {} flagged; \
+         precision {precision:.3}, recall {recall:.3}",
+        truth.len(),
+        flagged.len(),
+    );
+    assert!(truth.len() >= 40, "anomalies injected: {}", truth.len());
+    let missed: Vec<&i64> = expected.difference(&flagged).collect();
+    let extra: Vec<&i64> = flagged.difference(&expected).collect();
+    assert!(
+        missed.is_empty() && extra.is_empty(),
+        "the alerts differ from the rule's definition: missed {missed:?}, extra {extra:?}"
+    );
+    assert!(precision >= 0.95, "precision {precision:.3}");
+}
