@@ -1462,7 +1462,7 @@ async fn object_store_credentials_never_reach_logs_errors_or_tables() {
 async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
     let db = TestDb::new("recall");
     let client = db.client().await;
-    // Inserts only, so that which anomalies the rule's definition covers is exact.
+    // Inserts only, so that the rule's definition can be replayed over the source table.
     let settings = weir::datagen::Settings {
         users: 15,
         rate: 400.0,
@@ -1471,7 +1471,6 @@ async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
         update_share: 0.0,
         delete_share: 0.0,
         seed: 41,
-        ..weir::datagen::Settings::default()
     };
     weir::datagen::prepare(&client, &settings).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
