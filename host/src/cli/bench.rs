@@ -50,6 +50,25 @@ pub enum BenchCommand {
         #[arg(long)]
         no_latency: bool,
     },
+    /// PostgreSQL through the fraud rule into Delta against pg_recvlogical; latency to the
+    /// alert; peak memory over one large transaction.
+    E2e {
+        /// Rows to insert into `transactions` for the throughput run.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Transactions they are spread over.
+        #[arg(long, default_value_t = 1000)]
+        transactions: u64,
+        /// Single-row transactions per second for the latency run.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Length of the latency run, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Rows of the one large transaction (0: skip).
+        #[arg(long, default_value_t = 5_000_000)]
+        big_rows: u64,
+    },
     /// The fraud rule as WebAssembly against the same rule compiled into weir.
     Plugin {
         /// Documents to score.
@@ -77,6 +96,24 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
             if !no_latency {
                 super::bench_lake::latency(rate.max(1), seconds.max(1)).await?;
             }
+        }
+        BenchCommand::E2e {
+            rows,
+            transactions,
+            rate,
+            seconds,
+            big_rows,
+        } => {
+            tokio::task::spawn_blocking(move || {
+                super::bench_e2e::run(
+                    rows,
+                    transactions.max(1),
+                    rate.max(1),
+                    seconds.max(1),
+                    big_rows,
+                )
+            })
+            .await??;
         }
         BenchCommand::Plugin { docs, wasm } => {
             let wasm = wasm.unwrap_or_else(|| {
@@ -109,9 +146,9 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-struct Measured {
-    seconds: f64,
-    max_rss_kib: i64,
+pub(super) struct Measured {
+    pub(super) seconds: f64,
+    pub(super) max_rss_kib: i64,
     /// CPU seconds of the server process that decoded the WAL for this client.
     walsender_cpu: f64,
 }
@@ -147,7 +184,7 @@ fn walsender_cpu() -> std::collections::HashMap<u32, f64> {
 
 /// Runs a command to completion, measuring wall time, its peak RSS (from wait4) and the
 /// CPU time of the walsender serving it (sampled from /proc while it runs).
-fn measure(mut cmd: Command) -> Result<Measured> {
+pub(super) fn measure(mut cmd: Command) -> Result<Measured> {
     let before: std::collections::HashSet<u32> = walsender_cpu().into_keys().collect();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {

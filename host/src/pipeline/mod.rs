@@ -76,6 +76,9 @@ pub struct RunStats {
     /// Milliseconds from PostgreSQL commit to the capture handing over the commit, per
     /// streamed transaction (with [`RunOptions::record_latency`]).
     pub capture_latencies_ms: Vec<u32>,
+    /// Milliseconds from PostgreSQL commit to the plugins' outputs, per streamed change
+    /// that produced one (with [`RunOptions::record_latency`]).
+    pub plugin_latencies_ms: Vec<u32>,
     /// The sink's figures.
     pub sink: crate::sink::delta::SinkStats,
 }
@@ -286,6 +289,8 @@ struct SinkLink<'a> {
     status: Option<(indicatif::ProgressBar, Instant)>,
     /// Writes sent and not yet reported done.
     in_flight: usize,
+    /// Commit-to-plugin-output latencies (with `record_latency`).
+    plugin_latencies_ms: Vec<u32>,
     done: mpsc::UnboundedReceiver<Result<Done, DeltaError>>,
     opts: &'a RunOptions,
 }
@@ -350,6 +355,16 @@ impl SinkLink<'_> {
             t.captured(docs);
         }
         let batch = self.plugins.as_mut().map(|p| p.run(docs, checkpoint))?;
+        if self.opts.record_latency && checkpoint {
+            let now = unix_ms();
+            let lsns: std::collections::HashSet<Lsn> =
+                batch.outputs.values().flatten().map(|o| o.lsn).collect();
+            self.plugin_latencies_ms.extend(
+                docs.iter()
+                    .filter(|d| lsns.contains(&d.source.lsn))
+                    .map(|d| (now - d.source.ts_ms).max(0) as u32),
+            );
+        }
         if let Some(t) = telemetry {
             t.plugins_took(batch.documents);
             for (plugin, took) in &batch.timings {
@@ -453,6 +468,7 @@ pub async fn run(
         plugins,
         status,
         in_flight: 0,
+        plugin_latencies_ms: Vec::new(),
         done,
         opts: &opts,
     };
@@ -543,6 +559,7 @@ pub async fn run(
     if let Some(t) = &opts.telemetry {
         t.stopped();
     }
+    stats.plugin_latencies_ms = std::mem::take(&mut link.plugin_latencies_ms);
     drop(link);
     let sink_stats = sink_task.await;
     lake_runtime.shutdown_background();

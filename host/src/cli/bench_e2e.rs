@@ -1,0 +1,321 @@
+//! `weir bench e2e`: PostgreSQL through the fraud rule into Delta (replica and alerts),
+//! against pg_recvlogical draining the same WAL; the latency from a PostgreSQL commit to
+//! the alert leaving the plugin and to the alert in a Delta commit under a steady load;
+//! and the peak memory of `weir run` over one very large transaction.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use weir::Lsn;
+use weir::config::{Config, LakeConfig, PluginConfig, SourceConfig, TlsMode};
+use weir::local_postgres::{LocalPostgres, SUPERUSER_PASSWORD};
+use weir::pipeline::RunOptions;
+
+use super::bench::{Measured, measure};
+
+const USERS: u32 = 1000;
+
+fn fraud_rule() -> PathBuf {
+    PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")
+}
+
+fn config(pg: &LocalPostgres, lake: &Path) -> Config {
+    let mut source = SourceConfig::new(
+        pg.url("bench"),
+        vec!["public.users".into(), "public.transactions".into()],
+    );
+    source.password_file = Some(pg.password_file());
+    source.tls = TlsMode::Disable;
+    source.slot = "bench_e2e".into();
+    Config {
+        source,
+        lake: LakeConfig {
+            url: lake.display().to_string(),
+            ..LakeConfig::default()
+        },
+        plugins: vec![PluginConfig {
+            path: fraud_rule(),
+            name: None,
+            config: Default::default(),
+            limits: Default::default(),
+        }],
+        dashboard: None,
+    }
+}
+
+/// The same configuration as a file, for `weir run` as a child process.
+fn write_config(pg: &LocalPostgres, lake: &Path, dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\npassword_file = \"{}\"\ntables = [\"public.users\", \"public.transactions\"]\n\
+             tls = \"disable\"\nslot = \"bench_e2e\"\n\n[lake]\nurl = \"{}\"\n\n[[plugins]]\npath = \"{}\"\n",
+            pg.url("bench"),
+            pg.password_file().display(),
+            lake.display(),
+            fraud_rule().display()
+        ),
+    )?;
+    Ok(path)
+}
+
+fn now_lsn(pg: &LocalPostgres) -> Result<Lsn> {
+    pg.psql("bench", "SELECT pg_current_wal_insert_lsn()")?
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Inserts `rows` transactions of the seeded users in `transactions` SQL transactions;
+/// about one in a hundred is an anomaly.
+fn insert(pg: &LocalPostgres, rows: u64, transactions: u64) -> Result<()> {
+    let per = rows / transactions;
+    // Numbered across calls, so that users and anomalies vary between transactions.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    for i in 0..transactions {
+        let n = if i + 1 == transactions {
+            rows - per * (transactions - 1)
+        } else {
+            per
+        };
+        pg.psql(
+            "bench",
+            &format!(
+                "INSERT INTO transactions (user_id, transaction_date, amount) \
+                 SELECT 1 + g % {USERS}, now(), CASE WHEN g % 97 = 0 THEN 5000 ELSE 40 + g % 60 END \
+                 FROM generate_series({}, {}) g",
+                NEXT.load(Ordering::Relaxed) + 1,
+                NEXT.fetch_add(n, Ordering::Relaxed) + n,
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn weir_run(exe: &Path, config: &Path, until: Lsn) -> Command {
+    let mut c = Command::new(exe);
+    c.args(["run", "--config"])
+        .arg(config)
+        .args(["--until", &until.to_string()])
+        .env("WEIR_LOG", "warn");
+    c
+}
+
+fn pct(sorted: &[u32], p: f64) -> u32 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Runs the three measurements.
+pub fn run(
+    rows: u64,
+    transactions: u64,
+    rate_per_s: u64,
+    seconds: u64,
+    big_rows: u64,
+) -> Result<()> {
+    weir::source::install_crypto_provider();
+    eprintln!("starting a private PostgreSQL...");
+    let pg = LocalPostgres::start()?;
+    pg.create_database("bench")?;
+    let work = tempfile::tempdir()?;
+    let lake = work.path().join("lake");
+    let config_file = write_config(&pg, &lake, work.path())?;
+    let exe = std::env::current_exe()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&pg.url_with_password("bench"), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let settings = weir::datagen::Settings {
+            users: USERS,
+            ..weir::datagen::Settings::default()
+        };
+        weir::datagen::prepare(&client, &settings).await?;
+        anyhow::Ok(())
+    })?;
+    // Slot, publication, backfill of the users, tables: before the workload.
+    let first = measure(weir_run(&exe, &config_file, now_lsn(&pg)?))?;
+    eprintln!("pipeline set up in {:.1} s", first.seconds);
+    pg.psql(
+        "bench",
+        "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')",
+    )?;
+
+    // 1. Throughput.
+    eprintln!("inserting {rows} transactions in {transactions} SQL transactions...");
+    insert(&pg, rows, transactions)?;
+    let until = now_lsn(&pg)?;
+    let mut recv = pg.command("pg_recvlogical");
+    recv.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(["-d", "bench", "--slot", "bench_recvlogical", "--start"])
+    .args(["-o", "proto_version=1", "-o", "publication_names=weir"])
+    .args(["-E", &until.to_string(), "-f", "/dev/null", "--no-loop"])
+    .env("PGPASSWORD", SUPERUSER_PASSWORD);
+    let baseline = measure(recv)?;
+    let ours = measure(weir_run(&exe, &config_file, until))?;
+    let alerts = pg.psql(
+        "bench",
+        "SELECT count(*) FROM transactions WHERE amount = 5000",
+    )?;
+    let flagged = rt.block_on(flagged_count(&lake))?;
+    let (b, w) = (rows as f64 / baseline.seconds, rows as f64 / ours.seconds);
+    println!(
+        "pg_recvlogical (baseline, same WAL): {rows} changes in {:.2} s = {b:.0} changes/s",
+        baseline.seconds
+    );
+    println!(
+        "weir run (capture -> fraud rule -> Delta replica + fraud_alerts, one process start to \
+         exit): {rows} changes in {:.2} s = {w:.0} changes/s, {:.2}x pg_recvlogical (target >= 1.0x); \
+         {flagged} anomalies flagged of {} injected",
+        ours.seconds,
+        w / b,
+        alerts.trim()
+    );
+    drop_slot(&pg, "bench_recvlogical")?;
+
+    // 2. One large transaction: peak memory.
+    if big_rows > 0 {
+        eprintln!("one transaction of {big_rows} rows...");
+        insert(&pg, big_rows, 1)?;
+        let until = now_lsn(&pg)?;
+        let big: Measured = measure(weir_run(&exe, &config_file, until))?;
+        println!(
+            "one {big_rows}-row transaction: {:.1} s ({:.0} changes/s), peak RSS of weir run {} MiB \
+             (target <= 256 MiB)",
+            big.seconds,
+            big_rows as f64 / big.seconds,
+            big.max_rss_kib / 1024
+        );
+    }
+
+    // 3. Latency under a steady load.
+    rt.block_on(latency(&pg, &lake, rate_per_s, seconds))
+}
+
+async fn flagged_count(lake: &Path) -> Result<i64> {
+    let lake = weir::sink::delta::Lake::open(&lake.display().to_string(), false)?;
+    let q = weir::query::LakeQuery::open(&lake, "weir", "default").await?;
+    let rows = q
+        .json("SELECT count(*) AS n FROM fraud_alerts WHERE is_anomaly")
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.get("n"))
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0))
+}
+
+fn drop_slot(pg: &LocalPostgres, slot: &str) -> Result<()> {
+    pg.psql(
+        "bench",
+        &format!("SELECT pg_drop_replication_slot('{slot}')"),
+    )?;
+    Ok(())
+}
+
+async fn latency(pg: &LocalPostgres, lake: &Path, rate_per_s: u64, seconds: u64) -> Result<()> {
+    let cfg = config(pg, lake);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let pipeline = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            weir::pipeline::run(
+                &cfg,
+                RunOptions {
+                    record_latency: true,
+                    ..RunOptions::default()
+                },
+                stop_rx,
+            )
+            .await
+        })
+    };
+    let writers = 4u64;
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = pg.url_with_password("bench");
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let stmt = client
+                .prepare(
+                    "INSERT INTO transactions (user_id, transaction_date, amount) \
+                     VALUES ($1, now(), $2::float8::numeric(12,2))",
+                )
+                .await?;
+            let interval = Duration::from_secs_f64(writers as f64 / rate_per_s as f64);
+            let mut next = tokio::time::Instant::now();
+            let mut i = w as i32;
+            while Instant::now() < deadline {
+                let amount = if i % 97 == 0 {
+                    5000.0
+                } else {
+                    40.0 + f64::from(i % 60)
+                };
+                client
+                    .execute(&stmt, &[&(1 + i % USERS as i32), &amount])
+                    .await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += writers as i32;
+                next += interval;
+                tokio::time::sleep_until(next).await;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.context("writer")?;
+    }
+    let written = done.load(Ordering::Relaxed);
+    let until = now_lsn(pg)?;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed = pg.psql(
+            "bench",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'bench_e2e'",
+        )?;
+        if confirmed.trim().parse::<Lsn>().is_ok_and(|c| c >= until) || Instant::now() > give_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(true);
+    let stats = pipeline.await??;
+    let mut plugin = stats.plugin_latencies_ms.clone();
+    let mut lake_lat = stats.latencies_ms.clone();
+    if plugin.is_empty() || lake_lat.is_empty() {
+        bail!("no latency recorded");
+    }
+    plugin.sort_unstable();
+    lake_lat.sort_unstable();
+    println!(
+        "{written} single-row transactions in {seconds} s ({:.0} tx/s offered {rate_per_s}) through \
+         the fraud rule: PostgreSQL commit -> alert out of the plugin p50 {} ms, p99 {} ms (target \
+         p99 <= 50 ms); -> alert in a Delta commit p50 {} ms, p99 {} ms (target p99 <= 1000 ms); {} Delta commits",
+        written as f64 / seconds as f64,
+        pct(&plugin, 0.5),
+        pct(&plugin, 0.99),
+        pct(&lake_lat, 0.5),
+        pct(&lake_lat, 0.99),
+        stats.sink.commits
+    );
+    Ok(())
+}
