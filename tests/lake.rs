@@ -260,6 +260,18 @@ async fn every_type_round_trips_into_its_delta_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_follow_every_op_with_hard_and_soft_deletes() {
+    every_op(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_s3_follow_every_op_with_hard_and_soft_deletes() {
+    let s3 = support::S3Server::start();
+    every_op(Some(&s3)).await;
+}
+
+/// Every op, hard and soft deletes, TOAST, truncate and log checkpoints, into a local lake
+/// or one on the test S3 server.
+async fn every_op(s3: Option<&support::S3Server>) {
     let db = TestDb::new("ops");
     // `big` is large and incompressible enough to be stored out of line (TOAST), so an
     // update that leaves it alone sends it as "unchanged".
@@ -271,8 +283,17 @@ async fn replicas_follow_every_op_with_hard_and_soft_deletes() {
          INSERT INTO soft SELECT i, 'v' || i, {big} FROM generate_series(1, 5) i;"
     ));
     let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let mut cfg = config(&db, &["public.hard", "public.soft"], &lake);
+    let mut cfg = config(
+        &db,
+        &["public.hard", "public.soft"],
+        &dir.path().join("lake"),
+    );
+    if let Some(s3) = s3 {
+        let (mut on_s3, _) = s3_lake(s3, "weir-ops");
+        on_s3.storage = weir::config::StorageOptions(s3.options_with_credentials());
+        cfg.lake = on_s3;
+    }
+    let lake = Lake::from_config(&cfg.lake, true).unwrap();
     cfg.lake.checkpoint_interval = 2;
     cfg.lake.tables.insert(
         "public.soft".into(),
@@ -333,16 +354,20 @@ async fn replicas_follow_every_op_with_hard_and_soft_deletes() {
     assert_eq!(unchanged, vec![vec!["[big]".to_string()]]);
 
     // The Delta log is checkpointed at the configured interval.
-    let checkpoints = std::fs::read_dir(lake.join("hard").join("_delta_log"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains(".checkpoint.")
-        })
-        .count();
+    let checkpoints = {
+        use futures_util::TryStreamExt;
+        let store =
+            deltalake::logstore::store_for(&lake.table_url("hard"), lake.storage.clone()).unwrap();
+        let files: Vec<_> = store
+            .list(Some(&deltalake::Path::from("_delta_log")))
+            .try_collect()
+            .await
+            .unwrap();
+        files
+            .iter()
+            .filter(|f| f.location.as_ref().contains(".checkpoint."))
+            .count()
+    };
     assert!(
         checkpoints > 0,
         "no Delta log checkpoint in hard/_delta_log"
