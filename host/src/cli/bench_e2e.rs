@@ -309,13 +309,17 @@ async fn latency(pg: &LocalPostgres, lake: &Path, rate_per_s: u64, seconds: u64)
     println!(
         "{written} single-row transactions in {seconds} s ({:.0} tx/s offered {rate_per_s}) through \
          the fraud rule: PostgreSQL commit -> alert out of the plugin p50 {} ms, p99 {} ms (target \
-         p99 <= 50 ms); -> alert in a Delta commit p50 {} ms, p99 {} ms (target p99 <= 1000 ms); {} Delta commits",
+         p99 <= 50 ms); -> alert in a Delta commit p50 {} ms, p99 {} ms (target p99 <= 1000 ms); {} Delta commits; \
+         time in replica commits {:.1} s, fraud_alerts {:.1} s, plugin state {:.1} s",
         written as f64 / seconds as f64,
         pct(&plugin, 0.5),
         pct(&plugin, 0.99),
         pct(&lake_lat, 0.5),
         pct(&lake_lat, 0.99),
-        stats.sink.commits
+        stats.sink.commits,
+        stats.sink.replica_time.as_secs_f64(),
+        stats.sink.collection_time.as_secs_f64(),
+        stats.sink.state_time.as_secs_f64(),
     );
     Ok(())
 }

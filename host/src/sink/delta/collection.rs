@@ -12,7 +12,7 @@ use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
 use serde_json::{Map, Value};
 
 use super::schema::record_batch;
-use super::table::LakeTable;
+use super::table::{LakeTable, key_hash};
 use super::{COMMIT_TS, DeltaError, LSN};
 use crate::lsn::Lsn;
 
@@ -170,12 +170,57 @@ pub async fn write_collection(
             out
         })
         .collect();
-    let batch = record_batch(target.clone(), &json_rows).map_err(|source| DeltaError::Arrow {
-        table: table.name.clone(),
-        source,
-    })?;
+    // Rows whose key the table does not hold yet are appended (cheap, and the common case:
+    // an alert per new transaction); the rest are merged by key. The key set is read once
+    // and kept up to date with this handle's commits; a commit by another writer in
+    // between drops it (read again next time).
+    if table.known_keys.is_none() {
+        table.known_keys = Some(table.key_hashes(KEY).await?);
+    }
+    let known = table.known_keys.as_ref().expect("loaded above");
+    let (fresh, existing): (Vec<_>, Vec<_>) = json_rows.into_iter().partition(|r| {
+        r.get(KEY)
+            .and_then(Value::as_str)
+            .is_some_and(|k| !known.contains(&key_hash(k)))
+    });
+    let fresh_keys: Vec<u64> = fresh
+        .iter()
+        .filter_map(|r| r.get(KEY).and_then(Value::as_str).map(key_hash))
+        .collect();
+    let batch = |rows: &[Map<String, Value>]| {
+        record_batch(target.clone(), rows).map_err(|source| DeltaError::Arrow {
+            table: table.name.clone(),
+            source,
+        })
+    };
+    let (fresh_batch, existing_batch) = (batch(&fresh)?, batch(&existing)?);
     let columns: Vec<String> = target.fields().iter().map(|f| f.name().clone()).collect();
-    table.upsert(batch, KEY, &columns, position).await
+    let before = table.delta_version();
+    let commits = match (fresh.is_empty(), existing.is_empty()) {
+        (_, true) => {
+            table.append(fresh_batch, position).await?;
+            1
+        }
+        (true, false) => {
+            table
+                .upsert(existing_batch, KEY, &columns, position)
+                .await?;
+            1
+        }
+        (false, false) => {
+            table.append(fresh_batch, None).await?;
+            table
+                .upsert(existing_batch, KEY, &columns, position)
+                .await?;
+            2
+        }
+    };
+    let ours = matches!((before, table.delta_version()), (Some(b), Some(a)) if a == b + commits);
+    match (&mut table.known_keys, ours) {
+        (Some(keys), true) => keys.extend(fresh_keys),
+        _ => table.known_keys = None,
+    }
+    Ok(())
 }
 
 /// Name of the table holding the plugins' state.
@@ -190,11 +235,16 @@ fn state_fields() -> Vec<Field> {
         Field::new("key", DataType::Utf8, true),
         // base64; NULL once deleted.
         Field::new("value", DataType::Utf8, true),
+        // The position the change was recorded with: the latest per key wins.
+        Field::new(LSN, DataType::Int64, true),
     ]
 }
 
-/// Records the plugins' state changes (upsert by plugin and key), with `position` in the
-/// same commit: the state is then the plugins' state after every change before it.
+/// Records the plugins' state changes, with `position` in the same commit: the state is
+/// then the plugins' state after every change before it.
+///
+/// The table is a log (appends are cheap and do not grow with the table, where a merge by
+/// key rewrites the files it touches); [`load_state`] keeps the latest value per key.
 pub async fn write_state(
     table: &mut LakeTable,
     changes: &[(String, StateChanges)],
@@ -218,6 +268,7 @@ pub async fn write_state(
                     Value::String(base64::engine::general_purpose::STANDARD.encode(v))
                 }),
             );
+            m.insert(LSN.into(), Value::from(position.0 as i64));
             rows.push(m);
         }
     }
@@ -228,30 +279,40 @@ pub async fn write_state(
         table: table.name.clone(),
         source,
     })?;
-    let columns: Vec<String> = state_fields().iter().map(|f| f.name().clone()).collect();
-    table.upsert(batch, KEY, &columns, Some(position)).await
+    table.append(batch, Some(position)).await
 }
 
-/// Reads every plugin's state back: plugin → key → value.
+/// Reads every plugin's state back: plugin → key → value (the latest recorded per key;
+/// rows of the earlier merge-by-key layout, with no position, count as oldest).
 pub async fn load_state(
     table: &LakeTable,
 ) -> Result<std::collections::HashMap<String, std::collections::HashMap<String, Vec<u8>>>, DeltaError>
 {
     use base64::Engine as _;
-    let mut out: std::collections::HashMap<String, std::collections::HashMap<String, Vec<u8>>> =
+    let mut latest: std::collections::HashMap<(String, String), (i64, Option<String>)> =
         Default::default();
-    for row in table.rows(Some("value IS NOT NULL")).await? {
-        let (Some(plugin), Some(key), Some(value)) = (
+    for row in table.rows(None).await? {
+        let (Some(plugin), Some(key)) = (
             row.get("plugin").and_then(Value::as_str),
             row.get("key").and_then(Value::as_str),
-            row.get("value").and_then(Value::as_str),
         ) else {
             continue;
         };
+        let at = row.get(LSN).and_then(Value::as_i64).unwrap_or(i64::MIN);
+        let value = row.get("value").and_then(Value::as_str).map(str::to_string);
+        let slot = latest
+            .entry((plugin.to_string(), key.to_string()))
+            .or_insert((i64::MIN, None));
+        if at >= slot.0 {
+            *slot = (at, value);
+        }
+    }
+    let mut out: std::collections::HashMap<String, std::collections::HashMap<String, Vec<u8>>> =
+        Default::default();
+    for ((plugin, key), (_, value)) in latest {
+        let Some(value) = value else { continue };
         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(value) {
-            out.entry(plugin.to_string())
-                .or_default()
-                .insert(key.to_string(), bytes);
+            out.entry(plugin).or_default().insert(key, bytes);
         }
     }
     Ok(out)

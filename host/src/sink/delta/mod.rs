@@ -263,6 +263,12 @@ pub struct SinkStats {
     pub log_rows: u64,
     /// Time spent on change-log commits.
     pub log_time: std::time::Duration,
+    /// Plugin outputs merged into collections.
+    pub collection_rows: u64,
+    /// Time spent on collection commits.
+    pub collection_time: std::time::Duration,
+    /// Time spent on plugin-state commits.
+    pub state_time: std::time::Duration,
     /// Delta commits made (data and position).
     pub commits: u64,
 }
@@ -410,7 +416,10 @@ impl DeltaSink {
                 .cloned()
                 .collect();
             if !rows.is_empty() {
+                let started = std::time::Instant::now();
                 collection::write_collection(t, &rows, position).await?;
+                self.stats.collection_time += started.elapsed();
+                self.stats.collection_rows += rows.len() as u64;
                 self.stats.commits += 1;
             }
         }
@@ -430,7 +439,9 @@ impl DeltaSink {
             }
         }
         if let (Some(t), Some(p)) = (self.plugin_state.as_mut(), position) {
+            let started = std::time::Instant::now();
             collection::write_state(t, state, p).await?;
+            self.stats.state_time += started.elapsed();
             self.stats.commits += 1;
         }
         Ok(())

@@ -37,6 +37,17 @@ pub struct LakeTable {
     pub version: Option<Lsn>,
     checkpoint_interval: u64,
     commits_since_open: u64,
+    /// For keyed collections: hashes of every key in the table, so that rows with new
+    /// keys are appended instead of merged (see `collection::write_collection`).
+    pub known_keys: Option<std::collections::HashSet<u64>>,
+}
+
+/// The hash `LakeTable::known_keys` holds for a key.
+pub fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 impl LakeTable {
@@ -58,6 +69,7 @@ impl LakeTable {
             version: None,
             checkpoint_interval,
             commits_since_open: 0,
+            known_keys: None,
         };
         t.reload().await?;
         Ok(t)
@@ -500,6 +512,40 @@ impl LakeTable {
 
     /// Every row matching `filter` (SQL over the table's columns; all rows without one),
     /// as JSON objects in Arrow's JSON form. For small tables (plugin state).
+    /// The Delta version of the table as this handle last saw it.
+    pub fn delta_version(&self) -> Option<u64> {
+        self.table.as_ref().and_then(|t| t.version())
+    }
+
+    /// Hashes ([`key_hash`]) of every value of the string column `column`.
+    pub async fn key_hashes(
+        &self,
+        column: &str,
+    ) -> Result<std::collections::HashSet<u64>, DeltaError> {
+        use deltalake::arrow::array::{Array, StringArray};
+        let mut out = std::collections::HashSet::new();
+        let Some(table) = self.table.as_ref() else {
+            return Ok(out);
+        };
+        let batches = self
+            .query(table, &format!("SELECT {} FROM t", quote(column)))
+            .await?;
+        for b in &batches {
+            let col = deltalake::arrow::compute::cast(
+                b.column(0),
+                &deltalake::arrow::datatypes::DataType::Utf8,
+            )
+            .map_err(|source| DeltaError::Arrow {
+                table: self.name.clone(),
+                source,
+            })?;
+            if let Some(values) = col.as_any().downcast_ref::<StringArray>() {
+                out.extend(values.iter().flatten().map(key_hash));
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn rows(&self, filter: Option<&str>) -> Result<Vec<Map<String, Value>>, DeltaError> {
         let Some(table) = self.table.as_ref() else {
             return Ok(Vec::new());
@@ -511,13 +557,8 @@ impl LakeTable {
         self.query_json(table, &sql).await
     }
 
-    /// Runs `sql` over `table` (registered as `t`); rows as JSON objects in Arrow's JSON
-    /// form.
-    async fn query_json(
-        &self,
-        table: &DeltaTable,
-        sql: &str,
-    ) -> Result<Vec<Map<String, Value>>, DeltaError> {
+    /// Runs `sql` over `table` (registered as `t`).
+    async fn query(&self, table: &DeltaTable, sql: &str) -> Result<Vec<RecordBatch>, DeltaError> {
         let ctx = SessionContext::new();
         let reading =
             |e: deltalake::datafusion::error::DataFusionError| self.err("reading", e.into());
@@ -529,13 +570,22 @@ impl LakeTable {
             .await
             .map_err(|e| self.err("reading", e.into()))?;
         ctx.register_table("t", provider).map_err(reading)?;
-        let batches = ctx
-            .sql(sql)
+        ctx.sql(sql)
             .await
             .map_err(reading)?
             .collect()
             .await
-            .map_err(reading)?;
+            .map_err(reading)
+    }
+
+    /// Runs `sql` over `table` (registered as `t`); rows as JSON objects in Arrow's JSON
+    /// form.
+    async fn query_json(
+        &self,
+        table: &DeltaTable,
+        sql: &str,
+    ) -> Result<Vec<Map<String, Value>>, DeltaError> {
+        let batches = self.query(table, sql).await?;
         let arrow = |source| DeltaError::Arrow {
             table: self.name.clone(),
             source,
