@@ -93,6 +93,10 @@ struct Batch {
     end: Option<Lsn>,
     bytes: usize,
     since: Option<Instant>,
+    /// How many of `docs` went through the plugins (each transaction at its commit).
+    processed: usize,
+    /// What the plugins made of them.
+    plugins: Option<PluginBatch>,
 }
 
 impl Batch {
@@ -128,15 +132,16 @@ impl Batch {
             .flatten()
     }
 
-    /// Takes the complete transactions out.
-    fn take_complete(&mut self) -> (Vec<ChangeDocument>, Option<Lsn>) {
+    /// Takes the complete transactions out, with what the plugins made of them.
+    fn take_complete(&mut self) -> (Vec<ChangeDocument>, Option<Lsn>, Option<PluginBatch>) {
         let rest = self.docs.split_off(self.complete);
         let done = std::mem::replace(&mut self.docs, rest);
         let end = self.end.take();
+        self.processed = self.processed.saturating_sub(self.complete);
         self.complete = 0;
         self.bytes = self.docs.iter().map(approximate_size).sum();
         self.since = (!self.docs.is_empty()).then(Instant::now);
-        (done, end)
+        (done, end, self.plugins.take())
     }
 }
 
@@ -350,12 +355,13 @@ impl SinkLink<'_> {
     /// Counts the documents as captured and runs them through the plugins (with
     /// `checkpoint`, their state changes are taken too).
     fn process(&mut self, docs: &mut [ChangeDocument], checkpoint: bool) -> Option<PluginBatch> {
+        let streamed = docs.first().is_some_and(|d| !d.source.snapshot);
         let telemetry = self.opts.telemetry.as_deref();
         if let Some(t) = telemetry {
             t.captured(docs);
         }
         let batch = self.plugins.as_mut().map(|p| p.run(docs, checkpoint))?;
-        if self.opts.record_latency && checkpoint {
+        if self.opts.record_latency && streamed {
             let now = unix_ms();
             let lsns: std::collections::HashSet<Lsn> =
                 batch.outputs.values().flatten().map(|o| o.lsn).collect();
@@ -375,17 +381,48 @@ impl SinkLink<'_> {
         Some(batch)
     }
 
+    /// Runs the transactions completed since the last call through the plugins, right
+    /// away (their outputs wait in the batch for its commit).
+    fn process_complete(&mut self, batch: &mut Batch) {
+        if batch.processed >= batch.complete {
+            return;
+        }
+        let range = batch.processed..batch.complete;
+        let out = self.process(&mut batch.docs[range], false);
+        batch.processed = batch.complete;
+        if let Some(out) = out {
+            match &mut batch.plugins {
+                Some(acc) => acc.absorb(out),
+                None => batch.plugins = Some(out),
+            }
+        }
+    }
+
+    /// Takes the complete transactions for a positioned write: every one of them has gone
+    /// through the plugins, so the plugins' state changes taken now are exactly theirs.
+    fn take_for_write(
+        &mut self,
+        batch: &mut Batch,
+    ) -> (Vec<ChangeDocument>, Option<Lsn>, Option<PluginBatch>) {
+        self.process_complete(batch);
+        let (docs, end, outputs) = batch.take_complete();
+        let plugins = self.plugins.as_mut().map(|p| {
+            let mut b = outputs.unwrap_or_default();
+            b.state = p.take_state_changes();
+            b
+        });
+        (docs, end, plugins)
+    }
+
     /// Hands the complete transactions of the batch to the sink.
     async fn flush(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
         if !batch.is_ready() {
             return Ok(());
         }
-        let (docs, end) = batch.take_complete();
+        let (docs, end, plugins) = self.take_for_write(batch);
         let Some(position) = end else { return Ok(()) };
         // Even with no changes the position goes through the sink, so that it is
         // acknowledged only after the writes before it.
-        let mut docs = docs;
-        let plugins = self.process(&mut docs, true);
         self.send(Job::Write {
             docs,
             position: Some(position),
@@ -510,8 +547,7 @@ pub async fn run(
                 }
                 CaptureEvent::BackfillDone { position } => {
                     batch.close_transaction(position);
-                    let (mut docs, _) = batch.take_complete();
-                    let plugins = link.process(&mut docs, true);
+                    let (docs, _, plugins) = link.take_for_write(&mut batch);
                     link.send(Job::Write {
                         docs,
                         position: Some(position),
@@ -530,6 +566,7 @@ pub async fn run(
                             .push((unix_ms() - last.source.ts_ms).max(0) as u32);
                     }
                     batch.close_transaction(position);
+                    link.process_complete(&mut batch);
                     // Group commit: with no delay, a batch goes when the capture has
                     // nothing more ready and the sink is not busy with the previous one.
                     let caught_up =

@@ -35,6 +35,24 @@ pub struct PluginBatch {
     pub timings: Vec<(String, std::time::Duration)>,
 }
 
+impl PluginBatch {
+    /// Adds what the plugins made of later documents.
+    pub fn absorb(&mut self, later: PluginBatch) {
+        for (collection, rows) in later.outputs {
+            self.outputs.entry(collection).or_default().extend(rows);
+        }
+        self.dead_letters.extend(later.dead_letters);
+        self.state.extend(later.state);
+        self.documents += later.documents;
+        for (plugin, took) in later.timings {
+            match self.timings.iter_mut().find(|(p, _)| *p == plugin) {
+                Some((_, t)) => *t += took,
+                None => self.timings.push((plugin, took)),
+            }
+        }
+    }
+}
+
 /// The configured plugins, running.
 pub struct PluginStage {
     chain: Chain,
@@ -116,6 +134,13 @@ impl PluginStage {
             out.state = self.chain.take_state_changes();
         }
         out
+    }
+}
+
+impl PluginStage {
+    /// The plugins' state changes since the last call.
+    pub fn take_state_changes(&mut self) -> Vec<(String, StateChanges)> {
+        self.chain.take_state_changes()
     }
 }
 
