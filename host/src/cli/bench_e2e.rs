@@ -103,7 +103,7 @@ fn weir_run(exe: &Path, config: &Path, until: Lsn) -> Command {
     c.args(["run", "--config"])
         .arg(config)
         .args(["--until", &until.to_string()])
-        .env("WEIR_LOG", "warn");
+        .env("WEIR_LOG", "warn,deltalake_core::operations::merge=error");
     c
 }
 
@@ -245,6 +245,21 @@ async fn latency(pg: &LocalPostgres, lake: &Path, rate_per_s: u64, seconds: u64)
             .await
         })
     };
+    // Writers start once the pipeline streams (lake opened, plugin state loaded).
+    let ready = Instant::now() + Duration::from_secs(300);
+    while pg
+        .psql(
+            "bench",
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'bench_e2e'",
+        )?
+        .trim()
+        != "t"
+    {
+        if Instant::now() > ready || pipeline.is_finished() {
+            bail!("the pipeline did not start streaming");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let writers = 4u64;
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
