@@ -590,6 +590,34 @@ mod tests {
             serde_json::to_value(&config.plugins[0].config).unwrap(),
             serde_json::json!({"multiplier": 3.0})
         );
+        let dash = config.dashboard.unwrap();
+        assert_eq!(dash.listen, DEFAULT_DASHBOARD_LISTEN);
+        assert_eq!(dash.alerts, "fraud_alerts");
+    }
+
+    #[test]
+    fn the_compose_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/weir.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.lake.url, "/data/lake");
+        assert_eq!(
+            config.plugins[0].path,
+            Path::new("/plugins/fraud_rule.wasm")
+        );
+        assert_eq!(config.dashboard.unwrap().listen, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn storage_options_show_only_their_names() {
+        let lake: LakeConfig = toml::from_str(
+            "url = \"s3://b/p\"\n[storage]\naws_secret_access_key = \"very-secret\"\n",
+        )
+        .unwrap();
+        let shown = format!("{lake:?}");
+        assert!(
+            shown.contains("aws_secret_access_key") && !shown.contains("very-secret"),
+            "{shown}"
+        );
     }
 
     #[test]
