@@ -730,13 +730,132 @@ async fn write_replica(
     if has_rows {
         let (schema, rows, plan) = reduced.into_merge(rel, &target, delete);
         let batch = record_batch(schema, &rows).map_err(arrow_err)?;
-        lt.merge(batch, &plan, position).await?;
+        // Rows with keys the table does not hold are appended; the rest merged.
+        let keys = replica::key_columns(rel);
+        let (fresh, rest, fresh_hashes) = split_new_keys(lt, &batch, &keys, &target).await?;
+        let before = lt.delta_version();
+        let mut commits = 0;
+        if let Some(fresh) = fresh {
+            let pos = if rest.num_rows() == 0 { position } else { None };
+            lt.append(fresh, pos).await?;
+            commits += 1;
+        }
+        if rest.num_rows() > 0 {
+            lt.merge(rest, &plan, position).await?;
+            commits += 1;
+        }
+        let ours = matches!((before, lt.delta_version()), (Some(b), Some(a)) if a == b + commits);
+        match (&mut lt.known_keys, ours) {
+            (Some(known), true) if known.len() + fresh_hashes.len() <= MAX_TRACKED_KEYS => {
+                known.extend(fresh_hashes)
+            }
+            _ => lt.known_keys = None,
+        }
     } else if reduced.truncated.is_none()
         && let Some(p) = position
     {
         lt.commit_position(p).await?;
     }
     Ok(())
+}
+
+/// Above this many keys a replica stops tracking which keys it holds (memory) and merges
+/// every batch.
+const MAX_TRACKED_KEYS: usize = 5_000_000;
+
+/// Splits a replica's merge batch into the upserts of keys the table does not hold (a
+/// plain append, in the table's schema) and the rest (to merge), with the new keys'
+/// hashes. Rows with unchanged TOAST columns always merge (their stored values matter).
+async fn split_new_keys(
+    lt: &mut LakeTable,
+    batch: &deltalake::arrow::record_batch::RecordBatch,
+    keys: &[String],
+    target: &deltalake::arrow::datatypes::SchemaRef,
+) -> Result<
+    (
+        Option<deltalake::arrow::record_batch::RecordBatch>,
+        deltalake::arrow::record_batch::RecordBatch,
+        Vec<u64>,
+    ),
+    DeltaError,
+> {
+    use deltalake::arrow::array::{Array, BooleanArray, StringArray, new_null_array};
+    use deltalake::arrow::compute::{cast, filter, filter_record_batch};
+    let arrow = |source| DeltaError::Arrow {
+        table: lt.name.clone(),
+        source,
+    };
+    if lt.known_keys.is_none() {
+        let known = lt.row_key_hashes(keys, target).await?;
+        if known.len() > MAX_TRACKED_KEYS {
+            return Ok((None, batch.clone(), Vec::new()));
+        }
+        lt.known_keys = Some(known);
+    }
+    let known = lt.known_keys.as_ref().expect("loaded above");
+    let mut key_cols = Vec::new();
+    for k in keys {
+        let (Some(c), Ok(f)) = (batch.column_by_name(k), target.field_with_name(k)) else {
+            return Ok((None, batch.clone(), Vec::new()));
+        };
+        key_cols.push(cast(c, f.data_type()).map_err(arrow)?);
+    }
+    let hashes = table::row_hashes(&key_cols).map_err(arrow)?;
+    let ops = batch
+        .column_by_name(replica::OP)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+    let unchanged: Vec<BooleanArray> = batch
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.name().starts_with(replica::UNCHANGED_PREFIX))
+        .filter_map(|(i, _)| {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .cloned()
+        })
+        .collect();
+    let Some(ops) = ops else {
+        return Ok((None, batch.clone(), Vec::new()));
+    };
+    let fresh_mask: BooleanArray = (0..batch.num_rows())
+        .map(|i| {
+            Some(
+                ops.value(i) == "u"
+                    && !known.contains(&hashes[i])
+                    && unchanged.iter().all(|u| u.is_null(i) || !u.value(i)),
+            )
+        })
+        .collect();
+    if fresh_mask.true_count() == 0 {
+        return Ok((None, batch.clone(), Vec::new()));
+    }
+    let rest_mask = deltalake::arrow::compute::not(&fresh_mask).map_err(arrow)?;
+    let rest = filter_record_batch(batch, &rest_mask).map_err(arrow)?;
+    let n = fresh_mask.true_count();
+    let mut columns = Vec::with_capacity(target.fields().len());
+    for f in target.fields() {
+        let col = match batch.column_by_name(f.name()) {
+            Some(c) => {
+                cast(&filter(c, &fresh_mask).map_err(arrow)?, f.data_type()).map_err(arrow)?
+            }
+            None if f.name() == DELETED => Arc::new(BooleanArray::from(vec![false; n])) as _,
+            None => new_null_array(f.data_type(), n),
+        };
+        columns.push(col);
+    }
+    let fresh = deltalake::arrow::record_batch::RecordBatch::try_new(target.clone(), columns)
+        .map_err(arrow)?;
+    let fresh_hashes = hashes
+        .iter()
+        .zip(fresh_mask.iter())
+        .filter(|(_, m)| m.unwrap_or(false))
+        .map(|(h, _)| *h)
+        .collect();
+    Ok((Some(fresh), rest, fresh_hashes))
 }
 
 /// A document's columns in Arrow's JSON form for the table `target`.

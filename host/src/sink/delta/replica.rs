@@ -21,9 +21,9 @@ use crate::document::{ChangeDocument, Op};
 use crate::source::relation::Relation;
 
 /// Marks a source row of a merge: `u` upsert, `d` delete.
-const OP: &str = "__weir_op";
+pub const OP: &str = "__weir_op";
 /// Prefix of the per-column "TOAST value not sent" flags of a merge source.
-const UNCHANGED_PREFIX: &str = "__weir_unchanged_";
+pub const UNCHANGED_PREFIX: &str = "__weir_unchanged_";
 
 /// The last state of one key within a batch.
 #[derive(Debug)]

@@ -42,6 +42,30 @@ pub struct LakeTable {
     pub known_keys: Option<std::collections::HashSet<u64>>,
 }
 
+/// Hashes of the rows of `columns` (key columns, in Arrow form): equal values of equal
+/// types hash alike, whether they come from a batch or from the table.
+pub fn row_hashes(
+    columns: &[deltalake::arrow::array::ArrayRef],
+) -> Result<Vec<u64>, deltalake::arrow::error::ArrowError> {
+    use deltalake::arrow::row::{RowConverter, SortField};
+    use std::hash::{Hash, Hasher};
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect(),
+    )?;
+    let rows = converter.convert_columns(columns)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let mut h = std::hash::DefaultHasher::new();
+            r.as_ref().hash(&mut h);
+            h.finish()
+        })
+        .collect())
+}
+
 /// The hash `LakeTable::known_keys` holds for a key.
 pub fn key_hash(key: &str) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -515,6 +539,36 @@ impl LakeTable {
     /// The Delta version of the table as this handle last saw it.
     pub fn delta_version(&self) -> Option<u64> {
         self.table.as_ref().and_then(|t| t.version())
+    }
+
+    /// Hashes ([`row_hashes`]) of every row of the key `columns`, each cast to its type in
+    /// `schema`.
+    pub async fn row_key_hashes(
+        &self,
+        columns: &[String],
+        schema: &Schema,
+    ) -> Result<std::collections::HashSet<u64>, DeltaError> {
+        let mut out = std::collections::HashSet::new();
+        let Some(table) = self.table.as_ref() else {
+            return Ok(out);
+        };
+        let list: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+        let batches = self
+            .query(table, &format!("SELECT {} FROM t", list.join(", ")))
+            .await?;
+        let arrow = |source| DeltaError::Arrow {
+            table: self.name.clone(),
+            source,
+        };
+        for b in &batches {
+            let mut cols = Vec::new();
+            for (i, name) in columns.iter().enumerate() {
+                let ty = schema.field_with_name(name).map_err(arrow)?.data_type();
+                cols.push(deltalake::arrow::compute::cast(b.column(i), ty).map_err(arrow)?);
+            }
+            out.extend(row_hashes(&cols).map_err(arrow)?);
+        }
+        Ok(out)
     }
 
     /// Hashes ([`key_hash`]) of every value of the string column `column`.
