@@ -28,6 +28,10 @@ pub struct LocalPostgres {
     run_as: Option<String>,
 }
 
+/// `postgresql.conf` lines for latency measurements: commits are flushed (and so
+/// streamed) at once, as on a production server.
+pub const SYNCHRONOUS_COMMIT: &str = "synchronous_commit = on\n";
+
 impl LocalPostgres {
     /// Finds the server binaries: `$WEIR_PG_BIN`, then the usual Debian/Ubuntu places.
     pub fn find_binaries() -> Result<PathBuf> {
@@ -56,6 +60,9 @@ impl LocalPostgres {
     }
 
     /// Creates and starts a cluster with extra `postgresql.conf` lines (they win over ours).
+    /// Our defaults favour speed (`fsync = off`, `synchronous_commit = off`); latency
+    /// measurements add [`SYNCHRONOUS_COMMIT`], since an asynchronous commit reaches the
+    /// WAL senders only when the WAL writer flushes it (every 200 ms).
     pub fn start_with(extra_conf: &str) -> Result<LocalPostgres> {
         let bin = Self::find_binaries()?;
         let root = unsafe { libc::geteuid() } == 0;

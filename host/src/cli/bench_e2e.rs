@@ -121,7 +121,7 @@ pub fn run(
 ) -> Result<()> {
     weir::source::install_crypto_provider();
     eprintln!("starting a private PostgreSQL...");
-    let pg = LocalPostgres::start()?;
+    let pg = LocalPostgres::start_with(weir::local_postgres::SYNCHRONOUS_COMMIT)?;
     pg.create_database("bench")?;
     let work = tempfile::tempdir()?;
     let lake = work.path().join("lake");

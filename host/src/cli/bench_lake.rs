@@ -186,7 +186,10 @@ pub async fn throughput(
 /// Commit-to-Delta latency with `rate` single-row transactions per second for `seconds`.
 pub async fn latency(rate_per_s: u64, seconds: u64) -> Result<()> {
     weir::source::install_crypto_provider();
-    let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
+    let pg = tokio::task::spawn_blocking(|| {
+        LocalPostgres::start_with(weir::local_postgres::SYNCHRONOUS_COMMIT)
+    })
+    .await??;
     pg.create_database("bench")?;
     pg.psql("bench", SCHEMA)?;
     let work = tempfile::tempdir()?;
