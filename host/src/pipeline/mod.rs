@@ -511,7 +511,15 @@ pub async fn run(
     };
     let result: Result<(), PipelineError> = async {
         loop {
-            let deadline = batch.deadline(delay);
+            // With no update delay, a batch waits for the sink to be free rather than
+            // queueing behind its write: the loop would block on the queue, and with it
+            // the capture and the plugins.
+            let sink_busy = delay.is_zero() && link.in_flight > 0;
+            let deadline = if sink_busy {
+                None
+            } else {
+                batch.deadline(delay)
+            };
             let ev = tokio::select! {
                 biased;
                 () = stopped(&mut shutdown) => break,
@@ -571,9 +579,10 @@ pub async fn run(
                     // nothing more ready and the sink is not busy with the previous one.
                     let caught_up =
                         delay.is_zero() && !capture.has_pending() && link.in_flight == 0;
+                    let sink_busy = delay.is_zero() && link.in_flight > 0;
                     if caught_up
                         || batch.should_flush_for_size(max_rows, max_bytes)
-                        || batch.should_flush_for_age(delay)
+                        || (!sink_busy && batch.should_flush_for_age(delay))
                     {
                         link.flush(&mut batch).await?;
                     }
