@@ -1591,3 +1591,83 @@ async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
     );
     assert!(precision >= 0.95, "precision {precision:.3}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_reads_the_tables_weir_writes() {
+    let python = std::env::var_os("WEIR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/weir-venv/bin/python")
+        });
+    assert!(
+        python.exists(),
+        "{} is missing: run ./tests/run.sh (it installs duckdb and duckdb-extension-delta \
+         from PyPI into ~/.cache/weir-venv) or set WEIR_PYTHON",
+        python.display()
+    );
+    let db = TestDb::new("duckdb");
+    datagen(&db, 10_000.0, 400, 51).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["public.users", "public.transactions"], &lake);
+    cfg.plugins = vec![weir::config::PluginConfig {
+        path: fraud_rule(),
+        name: None,
+        config: Default::default(),
+        limits: Default::default(),
+    }];
+    run_until_now(&db, &cfg).await;
+    // DuckDB's own Delta reader (the extension file shipped in the PyPI package).
+    let script = r#"
+import duckdb, glob, os, sys
+import duckdb_extension_delta as d
+ext = glob.glob(os.path.join(os.path.dirname(d.__file__), "**", "*.duckdb_extension"), recursive=True)[0]
+con = duckdb.connect()
+con.execute(f"LOAD '{ext}'")
+lake = sys.argv[1]
+for sql in [
+    f"SELECT count(*), CAST(sum(amount) AS VARCHAR), max(transaction_id) FROM delta_scan('{lake}/transactions')",
+    f"SELECT count(*) FROM delta_scan('{lake}/users')",
+    f"SELECT count(*) FROM delta_scan('{lake}/fraud_alerts') WHERE is_anomaly",
+    f"SELECT count(*) FROM delta_scan('{lake}/transactions_changes')",
+]:
+    print("|".join(str(v) for v in con.execute(sql).fetchone()))
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&lake)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let duck: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut ours = Vec::new();
+    for sql in [
+        "SELECT count(*), CAST(sum(amount) AS VARCHAR), max(transaction_id) FROM transactions",
+        "SELECT count(*) FROM users",
+        "SELECT count(*) FROM fraud_alerts WHERE is_anomaly",
+        "SELECT count(*) FROM transactions_changes",
+    ] {
+        ours.push(lake_rows(&lake, sql).await[0].join("|"));
+    }
+    assert_eq!(duck, ours, "DuckDB and weir read the same tables alike");
+    let client = db.client().await;
+    let pg = pg_rows(
+        &client,
+        "SELECT count(*)::text, sum(amount)::text, max(transaction_id)::text FROM transactions",
+    )
+    .await;
+    assert_eq!(
+        duck[0],
+        pg[0].join("|"),
+        "DuckDB reads what PostgreSQL holds"
+    );
+}

@@ -5,13 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir-target}"
-# The object-store tests start a private S3-compatible server: moto's, from PyPI.
+# From PyPI, into a venv: the object-store tests' private S3-compatible server (moto), and
+# DuckDB with its Delta extension, an independent reader of the tables weir writes.
 venv="${WEIR_VENV:-$HOME/.cache/weir-venv}"
-if [ ! -x "$venv/bin/moto_server" ]; then
+if [ ! -x "$venv/bin/moto_server" ] || ! "$venv/bin/python" -c 'import duckdb, duckdb_extension_delta' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet 'moto[server]'
+  "$venv/bin/pip" install --quiet 'moto[server]' duckdb duckdb-extension-delta
 fi
 export WEIR_MOTO_SERVER="$venv/bin/moto_server"
+export WEIR_PYTHON="$venv/bin/python"
 cargo fmt --all -- --check
 cargo fmt --all --manifest-path plugins/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
