@@ -445,6 +445,21 @@ fn weir() -> Command {
     Command::new(env!("CARGO_BIN_EXE_weir"))
 }
 
+/// `weir run --config <config> --until <now>`, which must succeed.
+fn weir_run_until_now(db: &TestDb, config: &Path) {
+    let out = weir()
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--until", &now_lsn(db).to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn write_config(db: &TestDb, lake: &Path, dir: &Path) -> PathBuf {
     let path = dir.join("weir.toml");
     std::fs::write(
@@ -562,14 +577,7 @@ async fn a_crash_between_the_delta_commit_and_the_acknowledgment_repeats_nothing
     )
     .await;
     assert!(!updated.is_empty(), "the crashed run committed the update");
-    let until = now_lsn(&db);
-    let status = weir()
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--until", &until.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    weir_run_until_now(&db, &config);
     assert!(db.confirmed_flush("weir") > before);
     assert_bank_replica_equals_source(&db, &lake).await;
     assert_change_log_has_no_duplicates(&lake, "transactions").await;
@@ -631,14 +639,7 @@ async fn kill_9_at_random_moments_loses_and_repeats_nothing() {
         assert!(!status.success(), "round {round}: killed");
     }
     writer.await.unwrap();
-    let until = now_lsn(&db);
-    let status = weir()
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--until", &until.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    weir_run_until_now(&db, &config);
     assert_bank_replica_equals_source(&db, &lake).await;
     let n = assert_change_log_has_no_duplicates(&lake, "transactions").await;
     assert!(n > 1000, "the change log holds the stream ({n} rows)");
@@ -1043,14 +1044,7 @@ async fn sigterm_and_sigint_commit_what_is_in_flight_and_exit_0() {
             assert_bank_replica_equals_source(&db, &lake).await;
         }
     }
-    let until = now_lsn(&db);
-    let status = weir()
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--until", &until.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    weir_run_until_now(&db, &config);
     assert_bank_replica_equals_source(&db, &lake).await;
     assert_change_log_has_no_duplicates(&lake, "transactions").await;
 }
@@ -1100,6 +1094,26 @@ fn fraud_rule() -> PathBuf {
     PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")
 }
 
+/// The fraud rule as a configured plugin.
+fn fraud_rule_plugin() -> weir::config::PluginConfig {
+    weir::config::PluginConfig {
+        path: fraud_rule(),
+        name: None,
+        config: Default::default(),
+        limits: Default::default(),
+    }
+}
+
+/// Adds the fraud rule to a configuration file.
+fn add_fraud_rule(config: &Path) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text.push_str(&format!(
+        "\n[[plugins]]\npath = \"{}\"\n",
+        fraud_rule().display()
+    ));
+    std::fs::write(config, text).unwrap();
+}
+
 /// The fraud rule's table, for comparing two lakes.
 async fn alerts(lake: &Path) -> Vec<Vec<String>> {
     lake_rows(
@@ -1118,34 +1132,13 @@ async fn fraud_alerts_are_written_once_across_kills() {
     let ref_lake = dir.path().join("ref-lake");
     let mut reference = config(&db, &["public.users", "public.transactions"], &ref_lake);
     reference.source.slot = "reference".into();
-    reference.plugins = vec![weir::config::PluginConfig {
-        path: fraud_rule(),
-        name: None,
-        config: Default::default(),
-        limits: Default::default(),
-    }];
+    reference.plugins = vec![fraud_rule_plugin()];
     run_until_now(&db, &reference).await;
     // The one that gets killed.
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "\n[[plugins]]\npath = \"{}\"\n",
-        fraud_rule().display()
-    ));
-    std::fs::write(&config, text).unwrap();
-    let until = now_lsn(&db);
-    let first = weir()
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--until", &until.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    add_fraud_rule(&config);
+    weir_run_until_now(&db, &config);
 
     let writer = datagen_in_background(&db, 400.0, 1500, 7);
     for ms in [900u64, 400, 1300, 700] {
@@ -1165,18 +1158,7 @@ async fn fraud_alerts_are_written_once_across_kills() {
         .unwrap();
     }
     writer.await.unwrap();
-    let until = now_lsn(&db);
-    let last = weir()
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--until", &until.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        last.status.success(),
-        "{}",
-        String::from_utf8_lossy(&last.stderr)
-    );
+    weir_run_until_now(&db, &config);
     run_until_now(&db, &reference).await;
 
     assert_bank_replica_equals_source(&db, &lake).await;
@@ -1501,12 +1483,7 @@ async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "\n[[plugins]]\npath = \"{}\"\n",
-        fraud_rule().display()
-    ));
-    std::fs::write(&config, text).unwrap();
+    add_fraud_rule(&config);
     let log = dir.path().join("run.log");
     let child = weir()
         .args(["run", "--config"])
@@ -1527,18 +1504,7 @@ async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
     .unwrap();
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{logs}");
-    let until = now_lsn(&db);
-    let last = weir()
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--until", &until.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        last.status.success(),
-        "{}",
-        String::from_utf8_lossy(&last.stderr)
-    );
+    weir_run_until_now(&db, &config);
     assert_bank_replica_equals_source(&db, &lake).await;
 
     let truth: HashSet<i64> = db
@@ -1611,12 +1577,7 @@ async fn duckdb_reads_the_tables_weir_writes() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let mut cfg = config(&db, &["public.users", "public.transactions"], &lake);
-    cfg.plugins = vec![weir::config::PluginConfig {
-        path: fraud_rule(),
-        name: None,
-        config: Default::default(),
-        limits: Default::default(),
-    }];
+    cfg.plugins = vec![fraud_rule_plugin()];
     run_until_now(&db, &cfg).await;
     // DuckDB's own Delta reader (the extension file shipped in the PyPI package).
     let script = r#"

@@ -5,11 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use weir::Lsn;
 use weir::config::{Config, LakeConfig, PluginConfig, SourceConfig, TlsMode};
@@ -17,6 +16,7 @@ use weir::local_postgres::{LocalPostgres, SUPERUSER_PASSWORD};
 use weir::pipeline::RunOptions;
 
 use super::bench::{Measured, measure};
+use super::bench_lake::now_lsn;
 
 const USERS: u32 = 1000;
 
@@ -63,13 +63,6 @@ fn write_config(pg: &LocalPostgres, lake: &Path, dir: &Path) -> Result<PathBuf> 
         ),
     )?;
     Ok(path)
-}
-
-fn now_lsn(pg: &LocalPostgres) -> Result<Lsn> {
-    pg.psql("bench", "SELECT pg_current_wal_insert_lsn()")?
-        .trim()
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Inserts `rows` transactions of the seeded users in `transactions` SQL transactions;
@@ -260,46 +253,20 @@ async fn latency(pg: &LocalPostgres, lake: &Path, rate_per_s: u64, seconds: u64)
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let writers = 4u64;
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let url = pg.url_with_password("bench");
-        let done = done.clone();
-        tasks.push(tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            let stmt = client
-                .prepare(
-                    "INSERT INTO transactions (user_id, transaction_date, amount) \
-                     VALUES ($1, now(), $2::float8::numeric(12,2))",
-                )
-                .await?;
-            let interval = Duration::from_secs_f64(writers as f64 / rate_per_s as f64);
-            let mut next = tokio::time::Instant::now();
-            let mut i = w as i32;
-            while Instant::now() < deadline {
-                let amount = if i % 97 == 0 {
-                    5000.0
-                } else {
-                    40.0 + f64::from(i % 60)
-                };
-                client
-                    .execute(&stmt, &[&(1 + i % USERS as i32), &amount])
-                    .await?;
-                done.fetch_add(1, Ordering::Relaxed);
-                i += writers as i32;
-                next += interval;
-                tokio::time::sleep_until(next).await;
-            }
-            Ok::<_, tokio_postgres::Error>(())
-        }));
-    }
-    for t in tasks {
-        t.await?.context("writer")?;
-    }
-    let written = done.load(Ordering::Relaxed);
+    let written = super::bench_lake::steady_inserts(
+        &pg.url_with_password("bench"),
+        rate_per_s,
+        seconds,
+        |i| {
+            let amount = if i % 97 == 0 {
+                5000.0
+            } else {
+                40.0 + f64::from(i % 60)
+            };
+            (1 + i % USERS as i32, amount)
+        },
+    )
+    .await?;
     let until = now_lsn(pg)?;
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {

@@ -51,7 +51,7 @@ async fn run_until(cfg: &Config, until: Option<Lsn>, record_latency: bool) -> Re
     .await?)
 }
 
-fn now_lsn(pg: &LocalPostgres) -> Result<Lsn> {
+pub(super) fn now_lsn(pg: &LocalPostgres) -> Result<Lsn> {
     pg.psql("bench", "SELECT pg_current_wal_insert_lsn()")?
         .trim()
         .parse()
@@ -183,6 +183,51 @@ pub async fn throughput(
     Ok(())
 }
 
+/// Inserts single-row transactions into `transactions` at `rate_per_s` for `seconds`
+/// from a few connections; `row(i)` gives the i-th row's user and amount. Returns how
+/// many were written.
+pub(super) async fn steady_inserts(
+    url: &str,
+    rate_per_s: u64,
+    seconds: u64,
+    row: fn(i32) -> (i32, f64),
+) -> Result<u64> {
+    let writers = 4u64;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    for w in 0..writers {
+        let url = url.to_string();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let stmt = client
+                .prepare(
+                    "INSERT INTO transactions (user_id, transaction_date, amount) \
+                     VALUES ($1, now(), $2::float8::numeric(12,2))",
+                )
+                .await?;
+            let interval = Duration::from_secs_f64(writers as f64 / rate_per_s as f64);
+            let mut next = tokio::time::Instant::now();
+            let mut i = w as i32;
+            while Instant::now() < deadline {
+                let (user, amount) = row(i);
+                client.execute(&stmt, &[&user, &amount]).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                i += writers as i32;
+                next += interval;
+                tokio::time::sleep_until(next).await;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.context("writer")?;
+    }
+    Ok(done.load(Ordering::Relaxed))
+}
+
 /// Commit-to-Delta latency with `rate` single-row transactions per second for `seconds`.
 pub async fn latency(rate_per_s: u64, seconds: u64) -> Result<()> {
     weir::source::install_crypto_provider();
@@ -212,39 +257,10 @@ pub async fn latency(rate_per_s: u64, seconds: u64) -> Result<()> {
         })
     };
     // Writers: a few connections, each pacing single-row transactions.
-    let writers = 4u64;
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    for w in 0..writers {
-        let url = pg.url_with_password("bench");
-        let done = done.clone();
-        tasks.push(tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            let stmt = client
-                .prepare(
-                    "INSERT INTO transactions (user_id, transaction_date, amount) \
-                     VALUES ($1, now(), 12.34)",
-                )
-                .await?;
-            let interval = Duration::from_secs_f64(writers as f64 / rate_per_s as f64);
-            let mut next = tokio::time::Instant::now();
-            let mut i = w as i32;
-            while Instant::now() < deadline {
-                client.execute(&stmt, &[&i]).await?;
-                done.fetch_add(1, Ordering::Relaxed);
-                i += writers as i32;
-                next += interval;
-                tokio::time::sleep_until(next).await;
-            }
-            Ok::<_, tokio_postgres::Error>(())
-        }));
-    }
-    for t in tasks {
-        t.await?.context("writer")?;
-    }
-    let written = done.load(Ordering::Relaxed);
+    let written = steady_inserts(&pg.url_with_password("bench"), rate_per_s, seconds, |i| {
+        (i, 12.34)
+    })
+    .await?;
     // Let the pipeline catch up, then stop it.
     let until = now_lsn(&pg)?;
     let caught_up = Instant::now() + Duration::from_secs(60);
