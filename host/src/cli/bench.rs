@@ -130,7 +130,9 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
                 let mut ratios = Vec::new();
                 for run in 1..=runs.max(1) {
                     println!("run {run}:");
-                    ratios.push(capture(rows, transactions.max(1))?);
+                    // Alternate who drains first, so that neither always meets the
+                    // colder caches.
+                    ratios.push(capture(rows, transactions.max(1), run % 2 == 0)?);
                 }
                 ratios.sort_by(f64::total_cmp);
                 println!(
@@ -230,7 +232,7 @@ pub(super) fn measure(mut cmd: Command) -> Result<Measured> {
 }
 
 /// One measurement on a fresh cluster; returns the throughput ratio.
-fn capture(rows: u64, transactions: u64) -> Result<f64> {
+fn capture(rows: u64, transactions: u64, weir_first: bool) -> Result<f64> {
     weir::source::install_crypto_provider();
     eprintln!("starting a private PostgreSQL...");
     let pg = LocalPostgres::start()?;
@@ -304,7 +306,6 @@ fn capture(rows: u64, transactions: u64) -> Result<f64> {
     }
     let end = pg.psql("bench", "SELECT pg_current_wal_insert_lsn()")?;
 
-    eprintln!("draining with pg_recvlogical...");
     let mut recv = pg.command("pg_recvlogical");
     recv.args([
         "-h",
@@ -333,10 +334,19 @@ fn capture(rows: u64, transactions: u64) -> Result<f64> {
         "--no-loop",
     ])
     .env("PGPASSWORD", weir::local_postgres::SUPERUSER_PASSWORD);
-    let baseline = measure(recv)?;
-
-    eprintln!("draining with weir capture...");
-    let ours = measure(weir_cmd(Some(&end)))?;
+    let drain_weir = || {
+        eprintln!("draining with weir capture...");
+        measure(weir_cmd(Some(&end)))
+    };
+    let (baseline, ours) = if weir_first {
+        let ours = drain_weir()?;
+        eprintln!("draining with pg_recvlogical...");
+        (measure(recv)?, ours)
+    } else {
+        eprintln!("draining with pg_recvlogical...");
+        let baseline = measure(recv)?;
+        (baseline, drain_weir()?)
+    };
     // Counted as a stream: the benchmark process stays small, which matters because a
     // child's peak RSS (wait4) starts from the parent's at spawn time.
     let captured = {
@@ -352,7 +362,10 @@ fn capture(rows: u64, transactions: u64) -> Result<f64> {
 
     let base_rate = rows as f64 / baseline.seconds;
     let our_rate = rows as f64 / ours.seconds;
-    println!("capture benchmark: {rows} rows in {transactions} transactions, pgoutput protocol 1");
+    println!(
+        "capture benchmark: {rows} rows in {transactions} transactions, pgoutput protocol 1, {} drained first",
+        if weir_first { "weir" } else { "pg_recvlogical" }
+    );
     for (name, m, rate) in [
         ("pg_recvlogical -> /dev/null ", &baseline, base_rate),
         ("weir capture   -> JSON lines", &ours, our_rate),
