@@ -907,6 +907,7 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
             ts_ms: 1_700_000_000_000,
             source_table: "public.transactions".into(),
             document: r#"{"transaction_id":9,"poison":true}"#.into(),
+            snapshot: false,
         }],
         Some(Lsn(310)),
     )
@@ -1174,6 +1175,121 @@ async fn fraud_alerts_are_written_once_across_kills() {
     );
     let got = alerts(&lake).await;
     assert_same_rows(&expected, &got, "fraud_alerts after kills vs uninterrupted");
+}
+
+/// One source transaction of 3,000 inserts (amounts 10..99 across the 20 datagen users;
+/// six without an amount, which the fraud rule rejects), with updates and deletes of some
+/// of its rows and of older ones.
+const BIG_TRANSACTION: &str = "BEGIN; \
+     INSERT INTO transactions (user_id, transaction_date, amount) \
+       SELECT 1 + i % 20, now(), CASE WHEN i % 500 = 0 THEN NULL ELSE 10 + i % 90 END \
+       FROM generate_series(1, 3000) i; \
+     UPDATE transactions SET amount = amount + 1 WHERE transaction_id % 7 = 0; \
+     DELETE FROM transactions WHERE transaction_id % 11 = 0; \
+     COMMIT";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_a_batch_is_written_in_parts_and_lands_once() {
+    let db = TestDb::new("bigtxn");
+    datagen(&db, 10_000.0, 0, 11).await;
+    db.sql("ALTER TABLE transactions ALTER amount DROP NOT NULL");
+    let dir = tempfile::tempdir().unwrap();
+    // The reference: the same stream, never interrupted, each transaction whole.
+    let ref_lake = dir.path().join("ref-lake");
+    let mut reference = config(&db, &["public.users", "public.transactions"], &ref_lake);
+    reference.source.slot = "reference".into();
+    reference.plugins = vec![fraud_rule_plugin()];
+    run_until_now(&db, &reference).await;
+
+    let lake = dir.path().join("lake");
+    let config = write_config(&db, &lake, dir.path());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "change_log = true\n",
+        "change_log = true\nmax_batch_rows = 500\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    add_fraud_rule(&config);
+    weir_run_until_now(&db, &config);
+
+    // Both pipelines stream some history, then the large transaction.
+    datagen_in_background(&db, 10_000.0, 300, 12).await.unwrap();
+    let client = db.client().await;
+    client.batch_execute(BIG_TRANSACTION).await.unwrap();
+    // A small transaction after it, scored against the users' averages that include it.
+    client
+        .batch_execute(
+            "INSERT INTO transactions (user_id, transaction_date, amount) \
+             SELECT u, now(), 1000 FROM generate_series(1, 20) u",
+        )
+        .await
+        .unwrap();
+    let changes_in_big: i64 = {
+        // 3,000 inserts plus the updates and deletes it made (counted from the reference).
+        run_until_now(&db, &reference).await;
+        let per_txn = lake_rows(
+            &ref_lake,
+            "SELECT count(*) FROM transactions_changes WHERE NOT _snapshot \
+             GROUP BY _lsn ORDER BY count(*) DESC LIMIT 1",
+        )
+        .await;
+        per_txn[0][0].parse().unwrap()
+    };
+    assert!(changes_in_big > 3000, "{changes_in_big}");
+
+    // Killed after three parts of the large transaction reached the lake.
+    let out = weir()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--until", &now_lsn(&db).to_string()])
+        .env("WEIR_CRASH_AFTER_PARTS", "3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the run was meant to crash");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("crashing on purpose after 3 parts"), "{log}");
+    let written: i64 = lake_rows(
+        &lake,
+        "SELECT count(*) FROM transactions_changes WHERE NOT _snapshot",
+    )
+    .await[0][0]
+        .parse()
+        .unwrap();
+    assert!(
+        written >= 1500 && written < changes_in_big,
+        "the lake holds parts of the transaction before its commit ({written} of {changes_in_big})"
+    );
+
+    weir_run_until_now(&db, &config);
+    assert_bank_replica_equals_source(&db, &lake).await;
+    assert_change_log_has_no_duplicates(&lake, "transactions").await;
+    let logged = lake_rows(
+        &lake,
+        "SELECT count(*) FROM transactions_changes WHERE NOT _snapshot \
+         GROUP BY _lsn ORDER BY count(*) DESC LIMIT 1",
+    )
+    .await;
+    assert_eq!(
+        logged[0][0].parse::<i64>().unwrap(),
+        changes_in_big,
+        "every change of the large transaction is in the change log once"
+    );
+    // The plugin's outputs and its state (which scores the last transaction) are those
+    // of the uninterrupted run.
+    let expected = alerts(&ref_lake).await;
+    assert!(expected.len() > 3000, "{}", expected.len());
+    assert_same_rows(
+        &expected,
+        &alerts(&lake).await,
+        "fraud_alerts after a crash mid-transaction",
+    );
+    let dead = "SELECT _lsn, kind, error, document FROM weir_dead_letters ORDER BY document";
+    let expected = lake_rows(&ref_lake, dead).await;
+    assert!(expected.len() >= 6, "{expected:?}");
+    assert_same_rows(
+        &expected,
+        &lake_rows(&lake, dead).await,
+        "dead letters after a crash mid-transaction",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

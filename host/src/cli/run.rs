@@ -69,6 +69,9 @@ pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline:
         crash_after_commits: std::env::var("WEIR_CRASH_AFTER_COMMITS")
             .ok()
             .and_then(|v| v.parse().ok()),
+        crash_after_parts: std::env::var("WEIR_CRASH_AFTER_PARTS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         record_latency: false,
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         telemetry: Some(telemetry),

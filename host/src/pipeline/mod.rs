@@ -53,6 +53,9 @@ pub struct RunOptions {
     /// For crash tests: abort the process after this many batches are committed to the
     /// lake, before their position is acknowledged.
     pub crash_after_commits: Option<u64>,
+    /// For crash tests: abort the process after this many parts (of a backfill or of a
+    /// large transaction) are committed to the lake.
+    pub crash_after_parts: Option<u64>,
     /// Record, per change, the time from its PostgreSQL commit to its Delta commit.
     pub record_latency: bool,
     /// Show a one-line live status (changes, rate, position, lag) on standard error.
@@ -68,6 +71,8 @@ pub struct RunStats {
     pub changes: u64,
     /// Batches written (each one Delta commit per table it touched).
     pub batches: u64,
+    /// Parts written with no position (of the backfill or of large transactions).
+    pub parts: u64,
     /// The last position acknowledged.
     pub position: Option<Lsn>,
     /// Milliseconds from PostgreSQL commit to Delta commit, per streamed change (with
@@ -109,6 +114,11 @@ impl Batch {
     fn close_transaction(&mut self, position: Lsn) {
         self.complete = self.docs.len();
         self.end = Some(position);
+    }
+
+    /// Changes of the transaction (or backfill) still open.
+    fn open_rows(&self) -> usize {
+        self.docs.len() - self.complete
     }
 
     fn is_ready(&self) -> bool {
@@ -348,6 +358,19 @@ impl SinkLink<'_> {
                     stats.changes, stats.batches
                 ));
             }
+        } else {
+            stats.parts += 1;
+            if self
+                .opts
+                .crash_after_parts
+                .is_some_and(|n| stats.parts >= n)
+            {
+                eprintln!(
+                    "crashing on purpose after {} parts (WEIR_CRASH_AFTER_PARTS)",
+                    stats.parts
+                );
+                std::process::abort();
+            }
         }
         Ok(())
     }
@@ -432,11 +455,16 @@ impl SinkLink<'_> {
         .await
     }
 
-    /// Hands a part of the backfill to the sink (no position: nothing is acknowledged).
+    /// Hands a part of the backfill, or of an open transaction, to the sink (no
+    /// position: nothing is acknowledged). The batch holds no complete transaction.
     async fn write_part(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
         if batch.docs.is_empty() {
             return Ok(());
         }
+        debug_assert_eq!(
+            batch.complete, 0,
+            "complete transactions go with a position"
+        );
         let mut docs = std::mem::take(&mut batch.docs);
         *batch = Batch::default();
         // The state changes wait for the end of the backfill, which has a position.
@@ -546,10 +574,15 @@ pub async fn run(
                 }
                 CaptureEvent::Change(doc) => {
                     batch.push(doc);
-                    if batch.end.is_none()
-                        && batch.docs.first().is_some_and(|d| d.source.snapshot)
-                        && batch.docs.len() >= max_rows
+                    // A part of the backfill, or of a transaction too large to hold
+                    // whole, is written as it comes (the complete transactions before
+                    // it first, with their position). The lake may show the part
+                    // before the transaction's commit is written; a replay rewrites
+                    // it (see `DeltaSink::open`).
+                    if batch.open_rows() >= max_rows
+                        || (batch.open_rows() > 0 && batch.bytes >= max_bytes)
                     {
+                        link.flush(&mut batch).await?;
                         link.write_part(&mut batch).await?;
                     }
                 }

@@ -127,6 +127,7 @@ impl PluginStage {
                     ts_ms: d.source.ts_ms,
                     source_table: format!("{}.{}", d.source.schema, d.source.table),
                     document: inputs[j].clone(),
+                    snapshot: d.source.snapshot,
                 });
             }
         }

@@ -51,6 +51,8 @@ pub struct DeadLetter {
     pub source_table: String,
     /// The change document (JSON).
     pub document: String,
+    /// Whether the change was a backfill read.
+    pub snapshot: bool,
 }
 
 fn timestamp() -> DataType {
@@ -328,6 +330,7 @@ pub fn dead_letter_fields() -> Vec<Field> {
         Field::new("document", DataType::Utf8, true),
         Field::new(LSN, DataType::Int64, true),
         Field::new(COMMIT_TS, timestamp(), true),
+        Field::new(super::SNAPSHOT, DataType::Boolean, true),
     ]
 }
 
@@ -352,6 +355,7 @@ pub async fn write_dead_letters(
             m.insert("document".into(), Value::from(d.document.as_str()));
             m.insert(LSN.into(), Value::from(d.lsn.0 as i64));
             m.insert(COMMIT_TS.into(), Value::from(d.ts_ms * 1000));
+            m.insert(super::SNAPSHOT.into(), Value::from(d.snapshot));
             m
         })
         .collect();

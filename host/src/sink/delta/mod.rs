@@ -311,7 +311,9 @@ impl DeltaSink {
             };
             let replica = open(replica_name.clone()).await?;
             let changes = if per.change_log.unwrap_or(cfg.change_log) {
-                Some(open(format!("{replica_name}_changes")).await?)
+                let mut log = open(format!("{replica_name}_changes")).await?;
+                remove_unfinished_parts(&mut log).await?;
+                Some(log)
             } else {
                 None
             };
@@ -388,6 +390,16 @@ impl DeltaSink {
         .await
     }
 
+    /// The dead-letter table, opened (and cleared of unfinished parts) on first use.
+    async fn dead_letters(&mut self) -> Result<&mut LakeTable, DeltaError> {
+        if self.dead_letters.is_none() {
+            let mut t = self.open_table(collection::DEAD_LETTERS).await?;
+            remove_unfinished_parts(&mut t).await?;
+            self.dead_letters = Some(t);
+        }
+        Ok(self.dead_letters.as_mut().expect("opened above"))
+    }
+
     /// Writes what the plugins made of a batch: outputs into their collections, failures
     /// into the dead-letter table, then (last, so that a crash before it replays the
     /// batch through the plugins) their state, each commit with `position`. Rows that a
@@ -424,10 +436,7 @@ impl DeltaSink {
             }
         }
         if !dead_letters.is_empty() {
-            if self.dead_letters.is_none() {
-                self.dead_letters = Some(self.open_table(collection::DEAD_LETTERS).await?);
-            }
-            let t = self.dead_letters.as_mut().expect("opened above");
+            let t = self.dead_letters().await?;
             let rows: Vec<collection::DeadLetter> = dead_letters
                 .iter()
                 .filter(|r| t.version.is_none_or(|v| r.lsn >= v))
@@ -496,6 +505,19 @@ impl DeltaSink {
             }
             if let Some(c) = t.changes.as_mut().filter(|c| c.exists()) {
                 c.delete_where(Some(&format!("{SNAPSHOT} = true")), None)
+                    .await?;
+            }
+        }
+        // Likewise the dead letters of an earlier backfill of this table.
+        if self.plugin_state.is_some() {
+            let letters = self.dead_letters().await?;
+            if letters.exists() {
+                let source = format!("{}.{}", key.0, key.1).replace('\'', "''");
+                letters
+                    .delete_where(
+                        Some(&format!("{SNAPSHOT} = true AND source_table = '{source}'")),
+                        None,
+                    )
                     .await?;
             }
         }
@@ -631,6 +653,25 @@ impl DeltaSink {
         }
         Ok(out)
     }
+}
+
+/// Removes from an append-only table (a change log, the dead letters) the rows of a
+/// transaction that was being written in parts when the last run stopped: streamed rows
+/// past the table's position (all of them when it holds none yet), which the capture
+/// replays in full. (Replicas and collections need no cleanup: their merge by key makes
+/// the replay land the same rows.)
+async fn remove_unfinished_parts(table: &mut LakeTable) -> Result<(), DeltaError> {
+    if !table.exists() {
+        return Ok(());
+    }
+    // Backfill rows carry the slot's consistent point, which may be the position itself.
+    // Files whose `_lsn` statistics end before the position are skipped unread; when
+    // nothing matches, no commit is made.
+    let predicate = match table.version {
+        Some(position) => format!("{LSN} >= {} AND {SNAPSHOT} = false", position.0 as i64),
+        None => format!("{SNAPSHOT} = false"),
+    };
+    table.delete_where(Some(&predicate), None).await
 }
 
 fn meta_timestamp() -> DataType {
