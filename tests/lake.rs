@@ -1205,7 +1205,7 @@ async fn a_transaction_larger_than_a_batch_is_written_in_parts_and_lands_once() 
     let config = write_config(&db, &lake, dir.path());
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "change_log = true\n",
-        "change_log = true\nmax_batch_rows = 500\n",
+        "change_log = true\npart_rows = 500\n",
     );
     std::fs::write(&config, text).unwrap();
     add_fraud_rule(&config);

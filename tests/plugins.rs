@@ -91,6 +91,78 @@ fn fraud_rule_flags_amounts_over_three_times_the_average() {
     assert!(f.error.contains("amount"), "{f:?}");
 }
 
+/// A change of transaction `id` with the old row as its before-image (REPLICA IDENTITY
+/// FULL).
+fn tx_with_before(
+    op: &str,
+    id: i64,
+    user: i64,
+    amount: &str,
+    old: (i64, &str),
+    lsn: &str,
+) -> String {
+    let mut doc: Value = serde_json::from_str(&tx(op, id, user, amount, lsn)).unwrap();
+    doc["_meta"]["before"] = json!({"transaction_id": id, "user_id": old.0, "amount": old.1,
+                                    "transaction_date": "2026-11-29T10:00:00.000000Z"});
+    doc.to_string()
+}
+
+#[test]
+fn fraud_rule_with_before_images_keeps_only_the_users_in_its_state() {
+    let docs = [
+        tx("r", 1, 7, "10.00", "0/10"),
+        tx("c", 2, 7, "20.00", "0/20"),
+        tx("c", 3, 7, "90.01", "0/30"),
+        tx("c", 5, 7, "50.00", "0/50"),
+        tx_with_before("u", 3, 7, "20.00", (7, "90.01"), "0/60"),
+        tx_with_before("d", 2, 7, "20.00", (7, "20.00"), "0/70"),
+        tx("c", 6, 7, "100.00", "0/80"),
+    ];
+    // The same decisions as with per-transaction state...
+    let run = |config: Value| {
+        let plugin = load("fraud_rule", config, Limits::default());
+        let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+        let out: Vec<Value> = inst
+            .process(&docs)
+            .iter()
+            .map(|o| ok(o)[0].document.clone())
+            .collect();
+        let mut keys: Vec<String> = inst.take_state_changes().into_keys().collect();
+        keys.sort();
+        (out, keys)
+    };
+    let (with_state, state_keys) = run(json!({}));
+    let (with_before, before_keys) = run(json!({"before_images": true}));
+    assert_eq!(with_before, with_state);
+    // (after the update and the delete: 10, 20, 50 -> avg 26.67; 100 > 80)
+    assert_eq!(with_before[6]["user_avg"], json!(26.67));
+    assert_eq!(with_before[6]["is_anomaly"], json!(true));
+    // ...with only the user in the state.
+    assert!(
+        state_keys.iter().any(|k| k.starts_with("tx:")),
+        "{state_keys:?}"
+    );
+    assert_eq!(before_keys, ["user:7"]);
+
+    // Without a before-image the change is refused, saying how to fix the table.
+    let plugin = load(
+        "fraud_rule",
+        json!({"before_images": true}),
+        Limits::default(),
+    );
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let out = inst.process(&[
+        tx("c", 1, 7, "10.00", "0/10"),
+        json!({"transaction_id": 1, "_meta": {"op": "d", "source": {"table": "transactions", "lsn": "0/20"}}}).to_string(),
+    ]);
+    let f = out[1].as_ref().unwrap_err();
+    assert_eq!(f.kind, FailureKind::Rejected);
+    assert!(
+        f.error.contains("REPLICA IDENTITY FULL") && f.error.contains("transaction 1"),
+        "{f:?}"
+    );
+}
+
 #[test]
 fn fraud_rule_config_is_checked_and_used() {
     let err = LoadedPlugin::load(

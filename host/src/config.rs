@@ -21,9 +21,12 @@ pub const DEFAULT_LAKE_URL: &str = "./lake";
 /// Default update delay: commit as soon as possible.
 pub const DEFAULT_UPDATE_DELAY: &str = "0s";
 /// Default row limit of one Delta commit.
-pub const DEFAULT_MAX_BATCH_ROWS: usize = 100_000;
+pub const DEFAULT_MAX_BATCH_ROWS: usize = 20_000;
 /// Default size limit of one Delta commit (JSON bytes of its changes).
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
+/// Changes per part of the backfill or of a large transaction: about 7 KB of memory
+/// each while in flight (three parts at most: gathering, queued, being written).
+pub const DEFAULT_PART_ROWS: usize = 10_000;
 /// Default number of commits between two Delta log checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 100;
 /// Default catalog name under which `weir query` shows the lake's tables.
@@ -185,6 +188,10 @@ pub struct LakeConfig {
     /// A commit closes (at a transaction boundary) once its changes are this large (bytes).
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: usize,
+    /// The backfill, and a source transaction with more changes than this, are committed
+    /// in parts of this many changes (what weir holds in memory for them).
+    #[serde(default = "default_part_rows")]
+    pub part_rows: usize,
     /// Delete mode of every replica unless a table says otherwise.
     #[serde(default)]
     pub delete: DeleteMode,
@@ -246,6 +253,7 @@ impl Default for LakeConfig {
             update_delay: default_update_delay(),
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            part_rows: DEFAULT_PART_ROWS,
             delete: DeleteMode::Hard,
             change_log: false,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
@@ -298,6 +306,9 @@ fn default_max_batch_rows() -> usize {
 }
 fn default_max_batch_bytes() -> usize {
     DEFAULT_MAX_BATCH_BYTES
+}
+fn default_part_rows() -> usize {
+    DEFAULT_PART_ROWS
 }
 fn default_checkpoint_interval() -> u64 {
     DEFAULT_CHECKPOINT_INTERVAL
@@ -542,9 +553,13 @@ impl Config {
         let lake = &self.lake;
         lake.update_delay()
             .map_err(|e| invalid(format!("lake.update_delay: {e}")))?;
-        if lake.max_batch_rows == 0 || lake.max_batch_bytes == 0 || lake.checkpoint_interval == 0 {
+        if lake.max_batch_rows == 0
+            || lake.max_batch_bytes == 0
+            || lake.part_rows == 0
+            || lake.checkpoint_interval == 0
+        {
             return Err(invalid(
-                "lake.max_batch_rows, lake.max_batch_bytes and lake.checkpoint_interval must be at least 1".into(),
+                "lake.max_batch_rows, lake.max_batch_bytes, lake.part_rows and lake.checkpoint_interval must be at least 1".into(),
             ));
         }
         for table in lake.tables.keys() {

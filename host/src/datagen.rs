@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS transactions (
   transaction_date timestamptz NOT NULL,
   amount numeric(12,2) NOT NULL
 );
+-- Updates and deletes carry the old row: the fraud rule (before_images) then keeps
+-- per-user state only.
+ALTER TABLE transactions REPLICA IDENTITY FULL;
 CREATE TABLE IF NOT EXISTS weir_ground_truth (
   transaction_id bigint PRIMARY KEY,
   user_id int NOT NULL,

@@ -41,7 +41,8 @@ fn config(pg: &LocalPostgres, lake: &Path) -> Config {
         plugins: vec![PluginConfig {
             path: fraud_rule(),
             name: None,
-            config: Default::default(),
+            // datagen gives `transactions` REPLICA IDENTITY FULL.
+            config: toml::toml! { before_images = true },
             limits: Default::default(),
         }],
         dashboard: None,
@@ -55,7 +56,8 @@ fn write_config(pg: &LocalPostgres, lake: &Path, dir: &Path) -> Result<PathBuf> 
         &path,
         format!(
             "[source]\nurl = \"{}\"\npassword_file = \"{}\"\ntables = [\"public.users\", \"public.transactions\"]\n\
-             tls = \"disable\"\nslot = \"bench_e2e\"\n\n[lake]\nurl = \"{}\"\n\n[[plugins]]\npath = \"{}\"\n",
+             tls = \"disable\"\nslot = \"bench_e2e\"\n\n[lake]\nurl = \"{}\"\n\n[[plugins]]\npath = \"{}\"\n\
+             [plugins.config]\nbefore_images = true\n",
             pg.url("bench"),
             pg.password_file().display(),
             lake.display(),
@@ -173,10 +175,11 @@ pub fn run(
     );
     println!(
         "weir run (capture -> fraud rule -> Delta replica + fraud_alerts, one process start to \
-         exit): {rows} changes in {:.2} s = {w:.0} changes/s, {:.2}x pg_recvlogical (target >= 1.0x); \
-         {flagged} anomalies flagged of {} injected",
+         exit): {rows} changes in {:.2} s = {w:.0} changes/s, {:.2}x pg_recvlogical (target >= 1.0x), \
+         peak RSS {} MiB; {flagged} anomalies flagged of {} injected",
         ours.seconds,
         w / b,
+        ours.max_rss_kib / 1024,
         alerts.trim()
     );
     drop_slot(&pg, "bench_recvlogical")?;

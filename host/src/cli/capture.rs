@@ -207,7 +207,8 @@ pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
         plugins: vec![weir::config::PluginConfig {
             path: PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm"),
             name: None,
-            config: Default::default(),
+            // datagen gives `transactions` REPLICA IDENTITY FULL.
+            config: toml::toml! { before_images = true },
             limits: Default::default(),
         }],
         dashboard: Some(weir::config::DashboardConfig {

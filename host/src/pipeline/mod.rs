@@ -7,8 +7,9 @@
 //! batch holds `max_batch_rows` changes or `max_batch_bytes`, or on shutdown. A closed
 //! batch is written to every table with its end position ([`DeltaSink::write`]); only
 //! then is that position acknowledged to PostgreSQL. The backfill, one long snapshot,
-//! is written in parts of `max_batch_rows` with no position; its end is recorded in
-//! every table at once ([`DeltaSink::complete`]).
+//! is written in parts of `part_rows` with no position; its end is recorded in every
+//! table at once ([`DeltaSink::complete`]). So is a source transaction with more than
+//! `part_rows` changes, its position going with its last part.
 
 use std::time::{Duration, Instant};
 
@@ -490,6 +491,7 @@ pub async fn run(
     let delay = config.lake.update_delay().map_err(PipelineError::Config)?;
     let max_rows = config.lake.max_batch_rows;
     let max_bytes = config.lake.max_batch_bytes;
+    let part_rows = config.lake.part_rows;
     let mut sink = DeltaSink::open(config).await?;
     let resume = sink.resume();
     tracing::info!(lake = %config.lake.url, ?resume, tables = ?sink.positions(), "lake opened");
@@ -579,7 +581,7 @@ pub async fn run(
                     // it first, with their position). The lake may show the part
                     // before the transaction's commit is written; a replay rewrites
                     // it (see `DeltaSink::open`).
-                    if batch.open_rows() >= max_rows
+                    if batch.open_rows() >= part_rows.min(max_rows)
                         || (batch.open_rows() > 0 && batch.bytes >= max_bytes)
                     {
                         link.flush(&mut batch).await?;

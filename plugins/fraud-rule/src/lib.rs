@@ -10,11 +10,13 @@
 //!
 //! State: per user `user:<id>` = count and sum of their transactions; per transaction
 //! `tx:<id>` = its user and amount (so updates and deletes can be applied without a
-//! before-image).
+//! before-image), unless `before_images` is set: the table then has `REPLICA IDENTITY
+//! FULL`, every update and delete carries the old row, and the state holds only the
+//! users (its size follows the users, not the transactions).
 //!
 //! Config (all optional): `{"multiplier": 3.0, "min_history": 1, "table": "transactions",
-//! "collection": "fraud_alerts"}`. With fewer than `min_history` earlier transactions a
-//! transaction is scored but never an anomaly.
+//! "collection": "fraud_alerts", "before_images": false}`. With fewer than `min_history`
+//! earlier transactions a transaction is scored but never an anomaly.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -34,6 +36,10 @@ struct Config {
     table: String,
     #[serde(default = "default_collection")]
     collection: String,
+    /// The table has `REPLICA IDENTITY FULL`: take the old amount from the before-image
+    /// and keep no per-transaction state.
+    #[serde(default)]
+    before_images: bool,
 }
 
 fn default_multiplier() -> f64 {
@@ -98,14 +104,43 @@ impl FraudRule {
         let amount = field(doc, "amount")?;
         let out = self.score(doc, tx, user, amount);
         adjust(user, 1, amount);
-        state::set_json(
-            &tx_key(tx),
-            &Seen {
-                user_id: user,
-                amount,
-            },
-        );
+        if !self.config.before_images {
+            state::set_json(
+                &tx_key(tx),
+                &Seen {
+                    user_id: user,
+                    amount,
+                },
+            );
+        }
         Ok(out)
+    }
+
+    /// The version an update or delete replaces: our own record, else the before-image
+    /// (with `before_images`, only the before-image, which must then be there).
+    fn old(&self, doc: &Document, tx: i64) -> Result<Option<Seen>, String> {
+        if !self.config.before_images
+            && let Some(seen) = state::get_json(&tx_key(tx))
+        {
+            return Ok(Some(seen));
+        }
+        let from_before = doc.before().and_then(|b| {
+            Some(Seen {
+                user_id: b.get("user_id")?.as_i64()?,
+                amount: match b.get("amount")? {
+                    Value::String(s) => s.parse().ok()?,
+                    v => v.as_f64()?,
+                },
+            })
+        });
+        if from_before.is_none() && self.config.before_images {
+            return Err(format!(
+                "transaction {tx}: no before-image with user_id and amount; run \
+                 `ALTER TABLE {} REPLICA IDENTITY FULL` or set before_images = false",
+                self.config.table
+            ));
+        }
+        Ok(from_before)
     }
 
     fn score(&self, doc: &Document, tx: i64, user: i64, amount: f64) -> Output {
@@ -163,26 +198,17 @@ impl Plugin for FraudRule {
         match doc.op() {
             Some(Op::Insert | Op::Read) => Ok(vec![self.record(doc, tx)?]),
             Some(Op::Update) => {
-                // The old version: our own record, else the before-image.
-                let old: Option<Seen> = state::get_json(&tx_key(tx)).or_else(|| {
-                    let b = doc.before()?;
-                    Some(Seen {
-                        user_id: b.get("user_id")?.as_i64()?,
-                        amount: match b.get("amount")? {
-                            Value::String(s) => s.parse().ok()?,
-                            v => v.as_f64()?,
-                        },
-                    })
-                });
-                if let Some(old) = &old {
+                if let Some(old) = self.old(doc, tx)? {
                     adjust(old.user_id, -1, -old.amount);
                 }
                 Ok(vec![self.record(doc, tx)?])
             }
             Some(Op::Delete) => {
-                if let Some(old) = state::get_json::<Seen>(&tx_key(tx)) {
+                if let Some(old) = self.old(doc, tx)? {
                     adjust(old.user_id, -1, -old.amount);
-                    state::delete(&tx_key(tx));
+                    if !self.config.before_images {
+                        state::delete(&tx_key(tx));
+                    }
                 }
                 Ok(vec![Output::new(
                     &self.config.collection,

@@ -183,7 +183,7 @@ pub async fn write_collection(
     let (fresh, existing): (Vec<_>, Vec<_>) = json_rows.into_iter().partition(|r| {
         r.get(KEY)
             .and_then(Value::as_str)
-            .is_some_and(|k| !known.contains(&key_hash(k)))
+            .is_some_and(|k| !known.may_contain(key_hash(k)))
     });
     let fresh_keys: Vec<u64> = fresh
         .iter()
@@ -219,7 +219,9 @@ pub async fn write_collection(
     };
     let ours = matches!((before, table.delta_version()), (Some(b), Some(a)) if a == b + commits);
     match (&mut table.known_keys, ours) {
-        (Some(keys), true) => keys.extend(fresh_keys),
+        (Some(keys), true) if keys.has_room_for(fresh_keys.len()) => {
+            fresh_keys.into_iter().for_each(|h| keys.insert(h))
+        }
         _ => table.known_keys = None,
     }
     Ok(())

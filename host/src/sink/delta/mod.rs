@@ -787,8 +787,8 @@ async fn write_replica(
         }
         let ours = matches!((before, lt.delta_version()), (Some(b), Some(a)) if a == b + commits);
         match (&mut lt.known_keys, ours) {
-            (Some(known), true) if known.len() + fresh_hashes.len() <= MAX_TRACKED_KEYS => {
-                known.extend(fresh_hashes)
+            (Some(known), true) if known.has_room_for(fresh_hashes.len()) => {
+                fresh_hashes.into_iter().for_each(|h| known.insert(h))
             }
             _ => lt.known_keys = None,
         }
@@ -800,9 +800,9 @@ async fn write_replica(
     Ok(())
 }
 
-/// Above this many keys a replica stops tracking which keys it holds (memory) and merges
-/// every batch.
-const MAX_TRACKED_KEYS: usize = 5_000_000;
+/// Above this many keys a replica stops tracking which keys it holds (the time to read
+/// them, and memory: 2.5 bytes per key) and merges every batch.
+const MAX_TRACKED_KEYS: usize = 50_000_000;
 
 /// Splits a replica's merge batch into the upserts of keys the table does not hold (a
 /// plain append, in the table's schema) and the rest (to merge), with the new keys'
@@ -866,7 +866,7 @@ async fn split_new_keys(
         .map(|i| {
             Some(
                 ops.value(i) == "u"
-                    && !known.contains(&hashes[i])
+                    && !known.may_contain(hashes[i])
                     && unchanged.iter().all(|u| u.is_null(i) || !u.value(i)),
             )
         })
