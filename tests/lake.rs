@@ -1107,9 +1107,14 @@ fn fraud_rule_plugin() -> weir::config::PluginConfig {
 
 /// Adds the fraud rule to a configuration file.
 fn add_fraud_rule(config: &Path) {
+    add_fraud_rule_with(config, "");
+}
+
+/// Adds the fraud rule with `settings` (lines of its `[plugins.config]`).
+fn add_fraud_rule_with(config: &Path, settings: &str) {
     let mut text = std::fs::read_to_string(config).unwrap();
     text.push_str(&format!(
-        "\n[[plugins]]\npath = \"{}\"\n",
+        "\n[[plugins]]\npath = \"{}\"\n[plugins.config]\n{settings}\n",
         fraud_rule().display()
     ));
     std::fs::write(config, text).unwrap();
@@ -1135,10 +1140,12 @@ async fn fraud_alerts_are_written_once_across_kills() {
     reference.source.slot = "reference".into();
     reference.plugins = vec![fraud_rule_plugin()];
     run_until_now(&db, &reference).await;
-    // The one that gets killed.
+    // The one that gets killed takes the old amounts of updates and deletes from their
+    // before-images (datagen's `transactions` has REPLICA IDENTITY FULL) where the
+    // reference keeps them per transaction in its state: the alerts must not differ.
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
-    add_fraud_rule(&config);
+    add_fraud_rule_with(&config, "before_images = true");
     weir_run_until_now(&db, &config);
 
     let writer = datagen_in_background(&db, 400.0, 1500, 7);
@@ -1175,6 +1182,16 @@ async fn fraud_alerts_are_written_once_across_kills() {
     );
     let got = alerts(&lake).await;
     assert_same_rows(&expected, &got, "fraud_alerts after kills vs uninterrupted");
+    // Updates and deletes were scored; only the reference keeps per-transaction state.
+    let ops = lake_rows(
+        &lake,
+        "SELECT count(*) FROM transactions_changes WHERE _op IN ('u', 'd')",
+    )
+    .await;
+    assert!(ops[0][0].parse::<u64>().unwrap() > 50, "{ops:?}");
+    let per_tx = "SELECT count(*) FROM weir_plugin_state WHERE key LIKE 'tx:%'";
+    assert_ne!(lake_rows(&ref_lake, per_tx).await[0][0], "0");
+    assert_eq!(lake_rows(&lake, per_tx).await[0][0], "0");
 }
 
 /// One source transaction of 3,000 inserts (amounts 10..99 across the 20 datagen users;

@@ -116,23 +116,29 @@ impl FraudRule {
         Ok(out)
     }
 
-    /// The version an update or delete replaces: our own record, else the before-image
-    /// (with `before_images`, only the before-image, which must then be there).
+    /// The version an update or delete replaces: our own record, else the old row that
+    /// PostgreSQL sent (an update's before-image; a delete's document itself, which holds
+    /// the whole old row under REPLICA IDENTITY FULL, else only its key). With
+    /// `before_images`, only the old row, which must then be there.
     fn old(&self, doc: &Document, tx: i64) -> Result<Option<Seen>, String> {
         if !self.config.before_images
             && let Some(seen) = state::get_json(&tx_key(tx))
         {
             return Ok(Some(seen));
         }
-        let from_before = doc.before().and_then(|b| {
+        let seen = |row: &serde_json::Map<String, Value>| {
             Some(Seen {
-                user_id: b.get("user_id")?.as_i64()?,
-                amount: match b.get("amount")? {
+                user_id: row.get("user_id")?.as_i64()?,
+                amount: match row.get("amount")? {
                     Value::String(s) => s.parse().ok()?,
                     v => v.as_f64()?,
                 },
             })
-        });
+        };
+        let from_before = match doc.op() {
+            Some(Op::Delete) => seen(doc.as_map()),
+            _ => doc.before().and_then(seen),
+        };
         if from_before.is_none() && self.config.before_images {
             return Err(format!(
                 "transaction {tx}: no before-image with user_id and amount; run \

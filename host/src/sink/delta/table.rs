@@ -57,9 +57,9 @@ pub struct KeySet {
 impl KeySet {
     const HASHES: u64 = 7;
 
-    /// An empty set for `capacity` keys (at least 65,536).
+    /// An empty set for `capacity` keys (at least 1,048,576: 1.25 MiB).
     pub fn with_capacity(capacity: usize) -> KeySet {
-        let capacity = capacity.max(1 << 16);
+        let capacity = capacity.max(1 << 20);
         let bits = (capacity * 10).next_power_of_two();
         KeySet {
             bits: vec![0; bits / 64],
@@ -792,7 +792,7 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         assert_eq!(set.len(), 100_000);
-        assert!(set.has_room_for(100_000) && !set.has_room_for(100_001));
+        assert!(set.has_room_for((1 << 20) - 100_000) && !set.has_room_for((1 << 20) - 99_999));
         for i in 100_000..150_000 {
             set.insert(key_hash(&i.to_string()));
         }
