@@ -153,6 +153,8 @@ pub(super) struct Measured {
     pub(super) max_rss_kib: i64,
     /// CPU seconds of the server process that decoded the WAL for this client.
     walsender_cpu: f64,
+    /// CPU seconds (user + system) of the measured process itself.
+    pub(super) cpu: f64,
 }
 
 /// CPU seconds (user + system) of every live walsender process, by PID.
@@ -224,10 +226,12 @@ pub(super) fn measure(mut cmd: Command) -> Result<Measured> {
         bail!("measured process failed (status {status})");
     }
     std::mem::forget(child);
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(Measured {
         seconds,
         max_rss_kib: usage.ru_maxrss,
         walsender_cpu,
+        cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
     })
 }
 
@@ -371,10 +375,11 @@ fn capture(rows: u64, transactions: u64, weir_first: bool) -> Result<f64> {
         ("weir capture   -> JSON lines", &ours, our_rate),
     ] {
         println!(
-            "  {name}: {:>6.2} s {:>9.0} rows/s  peak RSS {:>6} KiB  walsender CPU {:>5.2} s ({:.0}% of wall)",
+            "  {name}: {:>6.2} s {:>9.0} rows/s  peak RSS {:>6} KiB  own CPU {:>5.2} s  walsender CPU {:>5.2} s ({:.0}% of wall)",
             m.seconds,
             rate,
             m.max_rss_kib,
+            m.cpu,
             m.walsender_cpu,
             100.0 * m.walsender_cpu / m.seconds
         );
