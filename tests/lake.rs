@@ -1054,17 +1054,29 @@ async fn sigterm_and_sigint_commit_what_is_in_flight_and_exit_0() {
 async fn adding_a_table_backfills_again_keeping_the_change_history() {
     let db = TestDb::new("addtable");
     db.sql(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY);
-         INSERT INTO t VALUES (1, 'a'), (2, 'b'); INSERT INTO u VALUES (7);",
+        "CREATE TABLE t (id int PRIMARY KEY, v text, poison bool DEFAULT false);
+         CREATE TABLE u (id int PRIMARY KEY);
+         INSERT INTO t VALUES (1, 'a', false), (2, 'b', true); INSERT INTO u VALUES (7);",
     );
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    let cfg = config(&db, &["public.t"], &lake);
+    // A plugin that fails on the poisoned rows: their dead letters follow the backfills.
+    let with_plugin = |tables: &[&str]| {
+        let mut cfg = config(&db, tables, &lake);
+        cfg.plugins = vec![weir::config::PluginConfig {
+            path: PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("misbehave.wasm"),
+            name: None,
+            config: toml::toml! { mode = "trap" },
+            limits: Default::default(),
+        }];
+        cfg
+    };
+    let cfg = with_plugin(&["public.t"]);
     run_until_now(&db, &cfg).await;
-    db.sql("INSERT INTO t VALUES (3, 'c'); DELETE FROM t WHERE id = 1;");
+    db.sql("INSERT INTO t VALUES (3, 'c', true); DELETE FROM t WHERE id = 1;");
     run_until_now(&db, &cfg).await;
     // A new table in the configuration: a new backfill of everything.
-    let cfg = config(&db, &["public.t", "public.u"], &lake);
+    let cfg = with_plugin(&["public.t", "public.u"]);
     run_until_now(&db, &cfg).await;
     assert_eq!(
         lake_rows(&lake, "SELECT id, v FROM t ORDER BY id").await,
@@ -1088,6 +1100,26 @@ async fn adding_a_table_backfills_again_keeping_the_change_history() {
         .await,
         vec![vec!["2"], vec!["3"]],
         "only the latest backfill's rows"
+    );
+    // Dead letters: the streamed one stays; of the backfills', only the latest's.
+    let letters: Vec<(String, i64)> = lake_rows(
+        &lake,
+        "SELECT _snapshot, document FROM weir_dead_letters ORDER BY _snapshot, document",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        let doc: serde_json::Value = serde_json::from_str(&r[1]).unwrap();
+        (r[0].clone(), doc["id"].as_i64().unwrap())
+    })
+    .collect();
+    assert_eq!(
+        letters,
+        [
+            ("false".to_string(), 3),
+            ("true".to_string(), 2),
+            ("true".to_string(), 3)
+        ]
     );
 }
 

@@ -246,6 +246,19 @@ pub struct LoadedPlugin {
     shared: Arc<EngineShared>,
 }
 
+/// Runs guest code where WASI may block: wasmtime-wasi's synchronous bindings call
+/// `Handle::block_on` for stream operations, which panics on a tokio worker thread, so a
+/// guest writing to its stderr (as a panicking Rust guest does) would bring the host
+/// down. On a multi-threaded runtime the call moves off the worker for its duration.
+fn outside_async<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 impl LoadedPlugin {
     /// Loads the component at `path` (compiling it, or reading the compiled form from the
     /// cache in `cache_dir`), checks its contract version and pre-instantiates it.
@@ -304,7 +317,7 @@ impl LoadedPlugin {
             store: self.new_store(state),
             bindings: None,
         };
-        instance.start().map_err(|reason| LoadError::Init {
+        outside_async(|| instance.start()).map_err(|reason| LoadError::Init {
             plugin: self.name.to_string(),
             reason,
         })?;
@@ -414,7 +427,7 @@ impl PluginInstance {
     /// fails as a whole: a trap, timeout or memory violation is isolated to the documents
     /// that cause it.
     pub fn process(&mut self, documents: &[String]) -> Vec<Outcome> {
-        let mut out = self.process_unlabelled(documents);
+        let mut out = outside_async(|| self.process_unlabelled(documents));
         // Failures are rare: only then is the document read again for its LSN.
         for (outcome, doc) in out.iter_mut().zip(documents) {
             if let Err(f) = outcome {
