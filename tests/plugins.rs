@@ -254,12 +254,47 @@ fn misbehaving_plugins_fail_only_the_poison_document() {
         // The plugin keeps working after the failure.
         let again = inst.process(&[doc_with(4, false)]);
         assert_eq!(ok(&again[0])[0].document["id"], json!(4), "{mode}");
+        if mode == "trap" {
+            // Its panic message went to standard error, which the sandbox discards.
+            assert!(!f.error.contains("poisoned"), "{}", f.error);
+        }
         if matches!(mode, "trap" | "spin" | "memory") {
             // The trapped batch's state writes were undone: only the successful calls
             // (1 and 3 retried alone, then 4) counted.
             assert_eq!(inst.state().get("seen").map(|v| v.len()), Some(3), "{mode}");
         }
     }
+}
+
+#[test]
+fn a_panic_reported_through_the_sdk_names_its_message_and_place() {
+    let plugin = load(
+        "misbehave",
+        json!({ "mode": "trap", "report_panics": true }),
+        limits(),
+    );
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let out = inst.process(&[doc_with(1, false), doc_with(2, true)]);
+    assert_eq!(ok(&out[0])[0].document["id"], json!(1));
+    let f = out[1].as_ref().unwrap_err();
+    assert_eq!(f.kind, FailureKind::Trap);
+    assert!(
+        f.error.contains("the plugin logged: panicked at")
+            && f.error.contains("src/lib.rs")
+            && f.error.contains("poisoned document 2"),
+        "{}",
+        f.error
+    );
+    // A later successful call does not carry the old message.
+    let again = inst.process(&[doc_with(3, true)]);
+    let f = again[0].as_ref().unwrap_err();
+    assert_eq!(
+        f.error.matches("poisoned document").count(),
+        1,
+        "{}",
+        f.error
+    );
+    assert!(f.error.contains("poisoned document 3"), "{}", f.error);
 }
 
 #[test]

@@ -486,6 +486,7 @@ impl PluginInstance {
             return Err(self.failure(FailureKind::Trap, "no instance".into()));
         };
         self.arm_deadline();
+        self.store.data_mut().last_error = None;
         let called = bindings.call_process(&mut self.store, docs);
         if called.is_ok() {
             self.bindings = Some(bindings);
@@ -507,7 +508,10 @@ impl PluginInstance {
                 ))
             }
             Err(trap) => {
-                let (kind, message) = describe_trap(&trap);
+                let (kind, mut message) = describe_trap(&trap);
+                if let Some(said) = self.store.data_mut().last_error.take() {
+                    message = format!("{message}; the plugin logged: {said}");
+                }
                 let failure = self.failure(kind, message);
                 // A trapped instance may be corrupt: it is replaced on the next call.
                 self.store.data_mut().state.rollback();

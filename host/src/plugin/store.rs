@@ -17,6 +17,9 @@ pub struct StoreState {
     pub(super) table: ResourceTable,
     pub(super) limits: StoreLimits,
     pub(super) state: PluginState,
+    /// The last error the plugin logged during the current call (a panic's message, with
+    /// the SDK), for the trap's dead letter.
+    pub(super) last_error: Option<String>,
 }
 
 impl WasiView for StoreState {
@@ -94,6 +97,7 @@ impl StoreState {
                 .memories(4)
                 .build(),
             state,
+            last_error: None,
         }
     }
 }

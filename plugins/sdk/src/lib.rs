@@ -58,6 +58,7 @@ mod host {
         Debug,
         Info,
         Warn,
+        Error,
     }
 
     pub fn log(level: Level, message: &str) {
@@ -241,6 +242,29 @@ pub mod log {
     pub fn debug(message: &str) {
         host::log(Level::Debug, message);
     }
+    /// Logs at error level.
+    pub fn error(message: &str) {
+        host::log(Level::Error, message);
+    }
+}
+
+/// Sends a panic's message and place to the host as an error log instead of standard
+/// error (which the sandbox discards): weir then adds it to the trap's dead letter. The
+/// SDK's plugins get this at `init`; plugins written on the raw bindings can call it.
+pub fn report_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log::error(&format!("panicked{place}: {message}"));
+    }));
 }
 
 /// The plugin's key-value state, kept by the host and checkpointed with the stream.
@@ -277,6 +301,7 @@ thread_local! {
 
 #[doc(hidden)]
 pub fn __init<P: Plugin>(config: String) -> Result<(), String> {
+    report_panics();
     let config: Value = if config.trim().is_empty() {
         Value::Object(Map::new())
     } else {

@@ -28,6 +28,10 @@ impl Guest for Misbehave {
         let config: serde_json::Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
         let mode = config["mode"].as_str().unwrap_or("trap").to_string();
         MODE.with(|m| *m.borrow_mut() = mode);
+        // Without it a panic's message goes to standard error (which the host discards).
+        if config["report_panics"] == serde_json::Value::Bool(true) {
+            weir_plugin_sdk::report_panics();
+        }
         Ok(())
     }
 
