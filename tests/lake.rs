@@ -1152,6 +1152,17 @@ fn add_fraud_rule_with(config: &Path, settings: &str) {
     std::fs::write(config, text).unwrap();
 }
 
+/// The reference for a test that interrupts a pipeline: the bank tables through the fraud
+/// rule into `<dir>/ref-lake`, on its own slot, run (and later caught up) uninterrupted.
+async fn fraud_rule_reference(db: &TestDb, dir: &Path) -> (PathBuf, Config) {
+    let ref_lake = dir.join("ref-lake");
+    let mut reference = config(db, &["public.users", "public.transactions"], &ref_lake);
+    reference.source.slot = "reference".into();
+    reference.plugins = vec![fraud_rule_plugin()];
+    run_until_now(db, &reference).await;
+    (ref_lake, reference)
+}
+
 /// The fraud rule's table, for comparing two lakes.
 async fn alerts(lake: &Path) -> Vec<Vec<String>> {
     lake_rows(
@@ -1166,12 +1177,7 @@ async fn fraud_alerts_are_written_once_across_kills() {
     let db = TestDb::new("alerts");
     datagen(&db, 10_000.0, 0, 6).await;
     let dir = tempfile::tempdir().unwrap();
-    // The reference: the same stream, never interrupted (its own slot and lake).
-    let ref_lake = dir.path().join("ref-lake");
-    let mut reference = config(&db, &["public.users", "public.transactions"], &ref_lake);
-    reference.source.slot = "reference".into();
-    reference.plugins = vec![fraud_rule_plugin()];
-    run_until_now(&db, &reference).await;
+    let (ref_lake, reference) = fraud_rule_reference(&db, dir.path()).await;
     // The one that gets killed takes the old amounts of updates and deletes from their
     // before-images (datagen's `transactions` has REPLICA IDENTITY FULL) where the
     // reference keeps them per transaction in its state: the alerts must not differ.
@@ -1243,12 +1249,8 @@ async fn a_transaction_larger_than_a_batch_is_written_in_parts_and_lands_once() 
     datagen(&db, 10_000.0, 0, 11).await;
     db.sql("ALTER TABLE transactions ALTER amount DROP NOT NULL");
     let dir = tempfile::tempdir().unwrap();
-    // The reference: the same stream, never interrupted, each transaction whole.
-    let ref_lake = dir.path().join("ref-lake");
-    let mut reference = config(&db, &["public.users", "public.transactions"], &ref_lake);
-    reference.source.slot = "reference".into();
-    reference.plugins = vec![fraud_rule_plugin()];
-    run_until_now(&db, &reference).await;
+    // (The reference takes each transaction whole.)
+    let (ref_lake, reference) = fraud_rule_reference(&db, dir.path()).await;
 
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
