@@ -69,6 +69,81 @@ async fn backfill_then_every_op() {
     capture.shutdown().await.unwrap();
 }
 
+/// A backlog raises the receive low-water mark on the replication socket (which the server
+/// helps find); once caught up the mark comes down, so a lone small transaction still
+/// arrives (with the mark up it would wait for 64 KiB more), and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_raises_the_low_water_mark_and_a_lone_change_still_arrives() {
+    let db = TestDb::new("lowwater");
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let source = db.source(&["public.t"]);
+    let mut capture = Capture::start(&source, CaptureOptions::default())
+        .await
+        .unwrap();
+    assert!(backfill(&mut capture).await.is_empty());
+    let position = db.confirmed_flush("weir");
+    capture.shutdown().await.unwrap();
+
+    // A backlog: 20 transactions written while no one reads, a second old when read.
+    for k in 0..20 {
+        db.sql(&format!(
+            "INSERT INTO t SELECT i, 'row ' || i FROM generate_series({}, {}) i",
+            k * 5_000 + 1,
+            (k + 1) * 5_000
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let opts = CaptureOptions {
+        resume: Resume::After(position),
+        ..CaptureOptions::default()
+    };
+    let mut capture = Capture::start(&source, opts).await.unwrap();
+    let mut ids = Vec::new();
+    let mut commits = 0;
+    while commits < 20 {
+        match next_event(&mut capture, 30).await {
+            CaptureEvent::Change(doc) => {
+                let doc: Value = serde_json::from_str(&doc.to_json()).unwrap();
+                ids.push(doc["id"].as_i64().unwrap());
+            }
+            CaptureEvent::Commit { position, .. } => {
+                capture.acknowledge(position);
+                commits += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        ids,
+        (1..=100_000).collect::<Vec<i64>>(),
+        "every row once, in order"
+    );
+    assert!(
+        capture.progress().low_water_raises() >= 1,
+        "the backlog raised the mark"
+    );
+    for id in [100_001, 100_002] {
+        db.sql(&format!("INSERT INTO t VALUES ({id}, 'alone')"));
+        let started = std::time::Instant::now();
+        let doc = loop {
+            match next_event(&mut capture, 10).await {
+                CaptureEvent::Change(doc) => {
+                    break serde_json::from_str::<Value>(&doc.to_json()).unwrap();
+                }
+                CaptureEvent::Schema(_) => {}
+                other => panic!("expected the lone change, got {other:?}"),
+            }
+        };
+        assert_eq!(doc["id"], json!(id));
+        eprintln!("lone change {id} arrived after {:?}", started.elapsed());
+        match next_event(&mut capture, 10).await {
+            CaptureEvent::Commit { position, .. } => capture.acknowledge(position),
+            other => panic!("expected its commit, got {other:?}"),
+        }
+    }
+    capture.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_is_consistent_with_concurrent_writes() {
     let db = TestDb::new("consistency");

@@ -16,6 +16,7 @@ mod connection;
 pub mod error;
 pub mod relation;
 mod setup;
+mod socket;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,6 +114,7 @@ pub struct Capture {
 pub struct ServerProgress {
     wal_end: std::sync::atomic::AtomicU64,
     confirmed: std::sync::atomic::AtomicU64,
+    low_water_raises: std::sync::atomic::AtomicU64,
 }
 
 impl ServerProgress {
@@ -124,6 +126,13 @@ impl ServerProgress {
     /// The position last reported to the server as applied.
     pub fn confirmed(&self) -> Lsn {
         Lsn(self.confirmed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// How often a backlog raised the replication socket's receive low-water mark (see
+    /// `source/socket.rs`); 0 where the socket was not found.
+    pub fn low_water_raises(&self) -> u64 {
+        self.low_water_raises
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn update(&self, wal_end: u64, confirmed: u64) {
@@ -475,11 +484,17 @@ impl Worker {
                 .await
                 .map_err(|source| self.repl_error(source))?;
         }
-        drop(client);
         repl.wait_started()
             .await
             .map_err(|source| self.repl_error(source))?;
-        self.stream(repl).await
+        let low_water = socket::local_end(&client, &self.slot)
+            .await
+            .and_then(|(local, server_port)| socket::LowWater::find(local, server_port));
+        if low_water.is_none() {
+            tracing::debug!(slot = %self.slot, "replication socket not found: no low-water mark");
+        }
+        drop(client);
+        self.stream(repl, low_water).await
     }
 
     fn repl_error(&self, source: pgwire_replication::PgWireError) -> SourceError {
@@ -496,9 +511,16 @@ impl Worker {
         }
     }
 
-    async fn stream(&mut self, repl: &mut ReplicationClient) -> Result<(), SourceError> {
+    async fn stream(
+        &mut self,
+        repl: &mut ReplicationClient,
+        mut low_water: Option<socket::LowWater>,
+    ) -> Result<(), SourceError> {
         let mut txn: Option<(Transaction, bool)> = None;
+        let idle = tokio::time::sleep(socket::IDLE_TICK);
+        tokio::pin!(idle);
         loop {
+            let raised = low_water.as_ref().is_some_and(|m| m.raised());
             let ev = tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Ok(()),
@@ -509,7 +531,22 @@ impl Worker {
                     continue;
                 }
                 ev = repl.recv() => ev.map_err(|source| self.repl_error(source))?,
+                _ = idle.as_mut(), if raised => {
+                    if let Some(mark) = low_water.as_mut() {
+                        mark.on_tick();
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + socket::IDLE_TICK);
+                    continue;
+                }
             };
+            if let Some(mark) = low_water.as_mut() {
+                mark.on_event();
+                if !raised && mark.raised() {
+                    self.progress
+                        .low_water_raises
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             let Some(ev) = ev else { return Ok(()) };
             match ev {
                 ReplicationEvent::Begin {
@@ -522,6 +559,9 @@ impl Worker {
                         return Ok(());
                     }
                     let skip = lsn < self.resume_at;
+                    if let Some(mark) = low_water.as_mut() {
+                        mark.on_transaction(pg_time_to_unix_ms(commit_time_micros));
+                    }
                     txn = Some((
                         Transaction {
                             lsn,
