@@ -12,7 +12,7 @@ use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
 use serde_json::{Map, Value};
 
 use super::schema::record_batch;
-use super::table::{LakeTable, key_hash};
+use super::table::{LakeTable, key_id};
 use super::{COMMIT_TS, DeltaError, LSN};
 use crate::lsn::Lsn;
 
@@ -183,11 +183,11 @@ pub async fn write_collection(
     let (fresh, existing): (Vec<_>, Vec<_>) = json_rows.into_iter().partition(|r| {
         r.get(KEY)
             .and_then(Value::as_str)
-            .is_some_and(|k| !known.may_contain(key_hash(k)))
+            .is_some_and(|k| !known.may_contain(key_id(k)))
     });
-    let fresh_keys: Vec<u64> = fresh
+    let fresh_keys: Vec<_> = fresh
         .iter()
-        .filter_map(|r| r.get(KEY).and_then(Value::as_str).map(key_hash))
+        .filter_map(|r| r.get(KEY).and_then(Value::as_str).map(key_id))
         .collect();
     let batch = |rows: &[Map<String, Value>]| {
         record_batch(target.clone(), rows).map_err(|source| DeltaError::Arrow {
@@ -219,7 +219,7 @@ pub async fn write_collection(
     };
     let ours = matches!((before, table.delta_version()), (Some(b), Some(a)) if a == b + commits);
     match (&mut table.known_keys, ours) {
-        (Some(keys), true) if keys.has_room_for(fresh_keys.len()) => {
+        (Some(keys), true) if keys.has_room_for(&fresh_keys) => {
             fresh_keys.into_iter().for_each(|h| keys.insert(h))
         }
         _ => table.known_keys = None,

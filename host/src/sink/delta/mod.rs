@@ -18,6 +18,7 @@
 //! `<name>_changes`.
 
 pub mod collection;
+mod engine;
 pub mod replica;
 pub mod schema;
 pub mod table;
@@ -787,7 +788,7 @@ async fn write_replica(
         }
         let ours = matches!((before, lt.delta_version()), (Some(b), Some(a)) if a == b + commits);
         match (&mut lt.known_keys, ours) {
-            (Some(known), true) if known.has_room_for(fresh_hashes.len()) => {
+            (Some(known), true) if known.has_room_for(&fresh_hashes) => {
                 fresh_hashes.into_iter().for_each(|h| known.insert(h))
             }
             _ => lt.known_keys = None,
@@ -816,7 +817,7 @@ async fn split_new_keys(
     (
         Option<deltalake::arrow::record_batch::RecordBatch>,
         deltalake::arrow::record_batch::RecordBatch,
-        Vec<u64>,
+        Vec<table::KeyId>,
     ),
     DeltaError,
 > {
@@ -841,7 +842,7 @@ async fn split_new_keys(
         };
         key_cols.push(cast(c, f.data_type()).map_err(arrow)?);
     }
-    let hashes = table::row_hashes(&key_cols).map_err(arrow)?;
+    let hashes = table::row_keys(&key_cols).map_err(arrow)?;
     let ops = batch
         .column_by_name(replica::OP)
         .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
