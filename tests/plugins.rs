@@ -444,10 +444,14 @@ fn plugins_chain_in_order_and_failures_carry_plugin_error_and_lsn() {
     ]);
     let user = json!({"user_id": 1, "email": "bob@example.com", "poison": true,
                       "_meta": {"op": "c", "source": {"table": "users", "lsn": "0/AB"}}});
-    let out = chain.process(vec![user.to_string(), tx("c", 1, 1, "10.00", "0/AC")]);
+    let out = chain.process(
+        vec![user.to_string(), tx("c", 1, 1, "10.00", "0/AC")],
+        &["users", "transactions"],
+    );
     // The masked user replaced the original on its way to the replica.
     let masked: Value = serde_json::from_str(&out.documents[0]).unwrap();
     assert_eq!(masked["email"], json!("b**@example.com"));
+    assert_eq!(out.replaced, [true, false]);
     // The trap plugin failed on the poisoned user only; the failure names plugin and LSN.
     assert_eq!(out.failures.len(), 1);
     let (index, failure) = &out.failures[0];

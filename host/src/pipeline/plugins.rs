@@ -97,14 +97,10 @@ impl PluginStage {
             .collect();
         if !todo.is_empty() {
             let inputs: Vec<String> = todo.iter().map(|&i| docs[i].to_json()).collect();
-            let result = self.chain.process(inputs.clone());
-            out.documents = inputs.len();
+            let tables: Vec<&str> = todo.iter().map(|&i| &*docs[i].source.table).collect();
+            let result = self.chain.process(inputs, &tables);
+            out.documents = todo.len();
             out.timings = result.timings;
-            for (j, text) in result.documents.iter().enumerate() {
-                if *text != inputs[j] {
-                    replace_columns(&mut docs[todo[j]], text);
-                }
-            }
             for (j, e) in result.emitted {
                 let d = &docs[todo[j]];
                 out.outputs
@@ -126,9 +122,15 @@ impl PluginStage {
                     lsn: d.source.lsn,
                     ts_ms: d.source.ts_ms,
                     source_table: format!("{}.{}", d.source.schema, d.source.table),
-                    document: inputs[j].clone(),
+                    // As it came in: replacements are applied below.
+                    document: d.to_json(),
                     snapshot: d.source.snapshot,
                 });
+            }
+            for (j, text) in result.documents.iter().enumerate() {
+                if result.replaced[j] {
+                    replace_columns(&mut docs[todo[j]], text);
+                }
             }
         }
         if checkpoint {

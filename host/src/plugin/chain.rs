@@ -7,13 +7,15 @@
 //! stop it: the failure is recorded (for the dead-letter table) and the document goes on
 //! unchanged.
 
-use super::{Emitted, Failure, PluginInstance, source_field};
+use super::{Emitted, Failure, PluginInstance};
 
 /// What a chain makes of a batch.
 #[derive(Debug, Default)]
 pub struct ChainOutput {
     /// Per input document, what continues to its table (the input, or what replaced it).
     pub documents: Vec<String>,
+    /// Per input document, whether a plugin replaced it.
+    pub replaced: Vec<bool>,
     /// Outputs to other collections, with the index of the input they came from.
     pub emitted: Vec<(usize, Emitted)>,
     /// Failures, with the index of the input document.
@@ -46,11 +48,12 @@ impl Chain {
             .collect()
     }
 
-    /// Runs a batch of documents (JSON) through every plugin.
-    pub fn process(&mut self, documents: Vec<String>) -> ChainOutput {
-        let tables: Vec<Option<String>> =
-            documents.iter().map(|d| source_field(d, "table")).collect();
+    /// Runs a batch of documents (JSON) through every plugin; `tables[i]` is the source
+    /// table of `documents[i]` (an output to that collection replaces the document).
+    pub fn process<T: AsRef<str>>(&mut self, documents: Vec<String>, tables: &[T]) -> ChainOutput {
+        debug_assert_eq!(documents.len(), tables.len());
         let mut out = ChainOutput {
+            replaced: vec![false; documents.len()],
             documents,
             ..ChainOutput::default()
         };
@@ -64,8 +67,9 @@ impl Chain {
                     Err(failure) => out.failures.push((i, failure)),
                     Ok(emitted) => {
                         for e in emitted {
-                            if tables[i].as_deref() == Some(e.collection.as_str()) {
+                            if tables[i].as_ref() == e.collection {
                                 out.documents[i] = e.document.to_string();
+                                out.replaced[i] = true;
                             } else {
                                 out.emitted.push((i, e));
                             }
