@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_BATCH_ROWS: usize = 20_000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
 /// Changes per part of the backfill or of a large transaction: about 7 KB of memory
 /// each while in flight (three parts at most: gathering, queued, being written).
-pub const DEFAULT_PART_ROWS: usize = 10_000;
+pub const DEFAULT_PART_ROWS: usize = 2_500;
 /// Default number of commits between two Delta log checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 100;
 /// Default catalog name under which `weir query` shows the lake's tables.

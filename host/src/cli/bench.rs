@@ -68,6 +68,9 @@ pub enum BenchCommand {
         /// Rows of the one large transaction (0: skip).
         #[arg(long, default_value_t = 5_000_000)]
         big_rows: u64,
+        /// `lake.part_rows` for `weir run` (default: the configuration's default).
+        #[arg(long)]
+        part_rows: Option<usize>,
     },
     /// The fraud rule as WebAssembly against the same rule compiled into weir.
     Plugin {
@@ -103,6 +106,7 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
             rate,
             seconds,
             big_rows,
+            part_rows,
         } => {
             tokio::task::spawn_blocking(move || {
                 super::bench_e2e::run(
@@ -111,6 +115,7 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
                     rate.max(1),
                     seconds.max(1),
                     big_rows,
+                    part_rows,
                 )
             })
             .await??;

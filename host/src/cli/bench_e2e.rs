@@ -50,17 +50,25 @@ fn config(pg: &LocalPostgres, lake: &Path) -> Config {
 }
 
 /// The same configuration as a file, for `weir run` as a child process.
-fn write_config(pg: &LocalPostgres, lake: &Path, dir: &Path) -> Result<PathBuf> {
+fn write_config(
+    pg: &LocalPostgres,
+    lake: &Path,
+    dir: &Path,
+    part_rows: Option<usize>,
+) -> Result<PathBuf> {
     let path = dir.join("weir.toml");
     std::fs::write(
         &path,
         format!(
             "[source]\nurl = \"{}\"\npassword_file = \"{}\"\ntables = [\"public.users\", \"public.transactions\"]\n\
-             tls = \"disable\"\nslot = \"bench_e2e\"\n\n[lake]\nurl = \"{}\"\n\n[[plugins]]\npath = \"{}\"\n\
+             tls = \"disable\"\nslot = \"bench_e2e\"\n\n[lake]\nurl = \"{}\"\n{}\n[[plugins]]\npath = \"{}\"\n\
              [plugins.config]\nbefore_images = true\n",
             pg.url("bench"),
             pg.password_file().display(),
             lake.display(),
+            part_rows
+                .map(|n| format!("part_rows = {n}\n"))
+                .unwrap_or_default(),
             fraud_rule().display()
         ),
     )?;
@@ -113,6 +121,7 @@ pub fn run(
     rate_per_s: u64,
     seconds: u64,
     big_rows: u64,
+    part_rows: Option<usize>,
 ) -> Result<()> {
     weir::source::install_crypto_provider();
     eprintln!("starting a private PostgreSQL...");
@@ -120,7 +129,7 @@ pub fn run(
     pg.create_database("bench")?;
     let work = tempfile::tempdir()?;
     let lake = work.path().join("lake");
-    let config_file = write_config(&pg, &lake, work.path())?;
+    let config_file = write_config(&pg, &lake, work.path(), part_rows)?;
     let exe = std::env::current_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
