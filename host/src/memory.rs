@@ -10,14 +10,13 @@
 //! free pages: 373 MiB on the same transaction, at no measurable cost in time
 //! (`weir bench e2e --big-rows 1000000`).
 
-use std::time::Duration;
-
 /// Blocks from this size on are mapped on their own (glibc's default starts at 128 KiB and
 /// adapts up to 32 MiB).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: i32 = 256 * 1024;
 /// How often free arena pages are released.
-const TRIM_EVERY: Duration = Duration::from_secs(1);
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sets the allocator up and starts the trimming thread (glibc only; elsewhere a no-op).
 pub fn give_back_freed_memory() {
@@ -38,5 +37,4 @@ pub fn give_back_freed_memory() {
             tracing::debug!(error = %e, "no memory trimming thread");
         }
     }
-    let _ = TRIM_EVERY;
 }
