@@ -28,7 +28,6 @@ pub mod decode;
 pub mod document;
 pub mod local_postgres;
 pub mod lsn;
-pub mod memory;
 pub mod pipeline;
 pub mod plugin;
 pub mod query;

@@ -78,9 +78,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
             | Command::Bench { .. }
             | Command::Demo { .. }
     );
-    if lake_work {
-        weir::memory::give_back_freed_memory();
-    }
     let runtime = if lake_work {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -11,7 +11,7 @@
 use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
 use serde_json::{Map, Value};
 
-use super::schema::record_batch;
+use super::schema::{JsonRow, record_batch};
 use super::table::{LakeTable, key_id};
 use super::{COMMIT_TS, DeltaError, LSN};
 use crate::lsn::Lsn;
@@ -70,24 +70,43 @@ fn inferred_type(v: &Value) -> Option<DataType> {
     }
 }
 
-/// A value in Arrow's JSON form for a column of type `ty`.
-fn cell(v: &Value, ty: &DataType) -> Value {
-    match (ty, v) {
-        (DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8, Value::String(_)) => v.clone(),
-        (DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8, Value::Null) => Value::Null,
-        (DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8, other) => {
-            Value::String(other.to_string())
-        }
-        _ => v.clone(),
-    }
-}
-
 /// Whether the table's column type `found` takes values inferred as `wanted`.
 fn takes(found: &DataType, wanted: &DataType) -> bool {
     match (found, wanted) {
         (DataType::Float64, DataType::Int64) => true,
         (DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8, DataType::Utf8) => true,
         (a, b) => a == b,
+    }
+}
+
+/// An output row as the collection table's columns: the document's fields, then `_key`,
+/// `_lsn` and `_commit_ts` (which win over document fields of the same name).
+struct Cells<'a> {
+    row: &'a OutputRow,
+    key: Value,
+    lsn: Value,
+    ts: Value,
+}
+
+impl<'a> Cells<'a> {
+    fn of(row: &'a OutputRow) -> Cells<'a> {
+        Cells {
+            row,
+            key: Value::String(row.key.clone()),
+            lsn: Value::from(row.lsn.0 as i64),
+            ts: Value::from(row.ts_ms * 1000),
+        }
+    }
+}
+
+impl JsonRow for Cells<'_> {
+    fn field(&self, name: &str) -> Option<&Value> {
+        match name {
+            KEY => Some(&self.key),
+            LSN => Some(&self.lsn),
+            COMMIT_TS => Some(&self.ts),
+            _ => self.row.document.as_object()?.get(name),
+        }
     }
 }
 
@@ -154,24 +173,6 @@ pub async fn write_collection(
     }
     let mut chosen: Vec<usize> = last.into_values().collect();
     chosen.sort_unstable();
-    let json_rows: Vec<Map<String, Value>> = chosen
-        .into_iter()
-        .map(|i| {
-            let r = &rows[i];
-            let mut out = Map::new();
-            if let Some(obj) = r.document.as_object() {
-                for (name, value) in obj {
-                    if let Ok(f) = target.field_with_name(name) {
-                        out.insert(name.clone(), cell(value, f.data_type()));
-                    }
-                }
-            }
-            out.insert(KEY.into(), Value::String(r.key.clone()));
-            out.insert(LSN.into(), Value::from(r.lsn.0 as i64));
-            out.insert(COMMIT_TS.into(), Value::from(r.ts_ms * 1000));
-            out
-        })
-        .collect();
     // Rows whose key the table does not hold yet are appended (cheap, and the common case:
     // an alert per new transaction); the rest are merged by key. The key set is read once
     // and kept up to date with this handle's commits; a commit by another writer in
@@ -180,16 +181,12 @@ pub async fn write_collection(
         table.known_keys = Some(table.key_hashes(KEY).await?);
     }
     let known = table.known_keys.as_ref().expect("loaded above");
-    let (fresh, existing): (Vec<_>, Vec<_>) = json_rows.into_iter().partition(|r| {
-        r.get(KEY)
-            .and_then(Value::as_str)
-            .is_some_and(|k| !known.may_contain(key_id(k)))
-    });
-    let fresh_keys: Vec<_> = fresh
-        .iter()
-        .filter_map(|r| r.get(KEY).and_then(Value::as_str).map(key_id))
-        .collect();
-    let batch = |rows: &[Map<String, Value>]| {
+    let (fresh, existing): (Vec<Cells>, Vec<Cells>) = chosen
+        .into_iter()
+        .map(|i| Cells::of(&rows[i]))
+        .partition(|c| !known.may_contain(key_id(&c.row.key)));
+    let fresh_keys: Vec<_> = fresh.iter().map(|c| key_id(&c.row.key)).collect();
+    let batch = |rows: &[Cells]| {
         record_batch(target.clone(), rows).map_err(|source| DeltaError::Arrow {
             table: table.name.clone(),
             source,
@@ -259,21 +256,34 @@ pub async fn write_state(
     let target = table.arrow_schema().ok_or_else(|| DeltaError::Missing {
         table: table.name.clone(),
     })?;
+    /// One state change as the table's columns.
+    struct StateRow([Value; 5]);
+    impl JsonRow for StateRow {
+        fn field(&self, name: &str) -> Option<&Value> {
+            let i = match name {
+                KEY => 0,
+                "plugin" => 1,
+                "key" => 2,
+                "value" => 3,
+                LSN => 4,
+                _ => return None,
+            };
+            Some(&self.0[i])
+        }
+    }
+    let at = Value::from(position.0 as i64);
     let mut rows = Vec::new();
     for (plugin, keys) in changes {
         for (key, value) in keys {
-            let mut m = Map::new();
-            m.insert(KEY.into(), Value::String(format!("{plugin}\u{1f}{key}")));
-            m.insert("plugin".into(), Value::from(plugin.as_str()));
-            m.insert("key".into(), Value::from(key.as_str()));
-            m.insert(
-                "value".into(),
+            rows.push(StateRow([
+                Value::String(format!("{plugin}\u{1f}{key}")),
+                Value::from(plugin.as_str()),
+                Value::from(key.as_str()),
                 value.as_ref().map_or(Value::Null, |v| {
                     Value::String(base64::engine::general_purpose::STANDARD.encode(v))
                 }),
-            );
-            m.insert(LSN.into(), Value::from(position.0 as i64));
-            rows.push(m);
+                at.clone(),
+            ]));
         }
     }
     if rows.is_empty() {
