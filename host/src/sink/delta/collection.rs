@@ -100,7 +100,7 @@ impl<'a> Cells<'a> {
 }
 
 impl JsonRow for Cells<'_> {
-    fn field(&self, name: &str) -> Option<&Value> {
+    fn field(&self, _: usize, name: &str) -> Option<&Value> {
         match name {
             KEY => Some(&self.key),
             LSN => Some(&self.lsn),
@@ -259,7 +259,7 @@ pub async fn write_state(
     /// One state change as the table's columns.
     struct StateRow([Value; 5]);
     impl JsonRow for StateRow {
-        fn field(&self, name: &str) -> Option<&Value> {
+        fn field(&self, _: usize, name: &str) -> Option<&Value> {
             let i = match name {
                 KEY => 0,
                 "plugin" => 1,

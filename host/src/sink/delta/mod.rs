@@ -750,6 +750,10 @@ async fn write_replica(
         }
         return Ok(());
     }
+    if let Some(source) = replica::inserts_only(rel, docs, &target, delete) {
+        let (batch, plan) = source.map_err(arrow_err)?;
+        return write_merge_source(lt, rel, &target, batch, &plan, position).await;
+    }
     let mut reduced = Reduced::default();
     for d in docs {
         reduced.push(rel, d);
@@ -772,31 +776,44 @@ async fn write_replica(
     if has_rows {
         let (schema, rows, plan) = reduced.into_merge(rel, &target, delete);
         let batch = record_batch(schema, &rows).map_err(arrow_err)?;
-        // Rows with keys the table does not hold are appended; the rest merged.
-        let keys = replica::key_columns(rel);
-        let (fresh, rest, fresh_hashes) = split_new_keys(lt, &batch, &keys, &target).await?;
-        let before = lt.delta_version();
-        let mut commits = 0;
-        if let Some(fresh) = fresh {
-            let pos = if rest.num_rows() == 0 { position } else { None };
-            lt.append(fresh, pos).await?;
-            commits += 1;
-        }
-        if rest.num_rows() > 0 {
-            lt.merge(rest, &plan, position).await?;
-            commits += 1;
-        }
-        let ours = matches!((before, lt.delta_version()), (Some(b), Some(a)) if a == b + commits);
-        match (&mut lt.known_keys, ours) {
-            (Some(known), true) if known.has_room_for(&fresh_hashes) => {
-                fresh_hashes.into_iter().for_each(|h| known.insert(h))
-            }
-            _ => lt.known_keys = None,
-        }
+        write_merge_source(lt, rel, &target, batch, &plan, position).await?;
     } else if reduced.truncated.is_none()
         && let Some(p) = position
     {
         lt.commit_position(p).await?;
+    }
+    Ok(())
+}
+
+/// Writes a merge source into the replica: rows with keys the table does not hold are
+/// appended, the rest merged.
+async fn write_merge_source(
+    lt: &mut LakeTable,
+    rel: &Relation,
+    target: &deltalake::arrow::datatypes::SchemaRef,
+    batch: deltalake::arrow::record_batch::RecordBatch,
+    plan: &replica::MergePlan,
+    position: Option<Lsn>,
+) -> Result<(), DeltaError> {
+    let keys = replica::key_columns(rel);
+    let (fresh, rest, fresh_hashes) = split_new_keys(lt, &batch, &keys, target).await?;
+    let before = lt.delta_version();
+    let mut commits = 0;
+    if let Some(fresh) = fresh {
+        let pos = if rest.num_rows() == 0 { position } else { None };
+        lt.append(fresh, pos).await?;
+        commits += 1;
+    }
+    if rest.num_rows() > 0 {
+        lt.merge(rest, plan, position).await?;
+        commits += 1;
+    }
+    let ours = matches!((before, lt.delta_version()), (Some(b), Some(a)) if a == b + commits);
+    match (&mut lt.known_keys, ours) {
+        (Some(known), true) if known.has_room_for(&fresh_hashes) => {
+            fresh_hashes.into_iter().for_each(|h| known.insert(h))
+        }
+        _ => lt.known_keys = None,
     }
     Ok(())
 }

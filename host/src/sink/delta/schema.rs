@@ -163,13 +163,20 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A row as named JSON values.
 pub trait JsonRow {
-    /// The value of field `name` (`None`: absent, NULL).
-    fn field(&self, name: &str) -> Option<&Value>;
+    /// The value of field `name`, the `index`th of the schema (`None`: absent, NULL).
+    fn field(&self, index: usize, name: &str) -> Option<&Value>;
 }
 
 impl JsonRow for Map<String, Value> {
-    fn field(&self, name: &str) -> Option<&Value> {
+    fn field(&self, _: usize, name: &str) -> Option<&Value> {
         self.get(name)
+    }
+}
+
+/// Values in schema order.
+impl JsonRow for Vec<Value> {
+    fn field(&self, index: usize, _: &str) -> Option<&Value> {
+        self.get(index)
     }
 }
 
@@ -191,9 +198,10 @@ pub fn record_batch<R: JsonRow>(
     let columns = schema
         .fields()
         .iter()
-        .map(|field| {
+        .enumerate()
+        .map(|(i, field)| {
             let name = field.name().as_str();
-            let values = rows.iter().map(|r| r.field(name));
+            let values = rows.iter().map(move |r| r.field(i, name));
             match direct_column(field.data_type(), values.clone()) {
                 Some(array) => Ok(array),
                 None => decoded_column(field, values),
