@@ -123,6 +123,15 @@ pub async fn write_collection(
         Field::new(LSN, DataType::Int64, true),
         Field::new(COMMIT_TS, timestamp(), true),
     ];
+    // (field, inferred type) pairs already checked in this batch: most documents of a
+    // collection have the same shape, so each field is checked against the schema once.
+    let mut accepted: std::collections::HashSet<(&str, u8)> = Default::default();
+    let code = |t: &DataType| match t {
+        DataType::Boolean => 0u8,
+        DataType::Int64 => 1,
+        DataType::Float64 => 2,
+        _ => 3,
+    };
     for row in rows {
         let Some(obj) = row.document.as_object() else {
             continue;
@@ -131,6 +140,9 @@ pub async fn write_collection(
             let Some(wanted) = inferred_type(value) else {
                 continue;
             };
+            if !accepted.insert((name.as_str(), code(&wanted))) {
+                continue;
+            }
             let known = existing
                 .as_ref()
                 .and_then(|s| s.field_with_name(name).ok().map(|f| f.data_type().clone()))
