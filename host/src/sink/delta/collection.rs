@@ -226,13 +226,7 @@ pub async fn write_collection(
             2
         }
     };
-    let ours = matches!((before, table.delta_version()), (Some(b), Some(a)) if a == b + commits);
-    match (&mut table.known_keys, ours) {
-        (Some(keys), true) if keys.has_room_for(&fresh_keys) => {
-            fresh_keys.into_iter().for_each(|h| keys.insert(h))
-        }
-        _ => table.known_keys = None,
-    }
+    table.remember_keys(before, commits, fresh_keys);
     Ok(())
 }
 

@@ -808,13 +808,7 @@ async fn write_merge_source(
         lt.merge(rest, plan, position).await?;
         commits += 1;
     }
-    let ours = matches!((before, lt.delta_version()), (Some(b), Some(a)) if a == b + commits);
-    match (&mut lt.known_keys, ours) {
-        (Some(known), true) if known.has_room_for(&fresh_hashes) => {
-            fresh_hashes.into_iter().for_each(|h| known.insert(h))
-        }
-        _ => lt.known_keys = None,
-    }
+    lt.remember_keys(before, commits, fresh_hashes);
     Ok(())
 }
 

@@ -294,11 +294,13 @@ pub fn inserts_only(
                 Some((_, v)) => Some(v),
                 None => d.columns.iter().find(|(n, _)| &**n == name).map(|(_, v)| v),
             };
-        let distinct = match keys.as_slice() {
-            [k] if value(k, 0).and_then(Value::as_i64).is_some() => {
-                ints.insert(value(k, 0).and_then(Value::as_i64))
-            }
-            _ => {
+        let int_key = match keys.as_slice() {
+            [k] => value(k, 0).and_then(Value::as_i64),
+            _ => None,
+        };
+        let distinct = match int_key {
+            Some(id) => ints.insert(id),
+            None => {
                 let key: Vec<&Value> = keys
                     .iter()
                     .map(|k| value(k, 0).unwrap_or(&Value::Null))

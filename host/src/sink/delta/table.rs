@@ -670,11 +670,22 @@ impl LakeTable {
         }
     }
 
-    /// Every row matching `filter` (SQL over the table's columns; all rows without one),
-    /// as JSON objects in Arrow's JSON form. For small tables (plugin state).
     /// The Delta version of the table as this handle last saw it.
     pub fn delta_version(&self) -> Option<u64> {
         self.table.as_ref().and_then(|t| t.version())
+    }
+
+    /// Adds the keys of rows just appended to the key set, when the table went from version
+    /// `before` to `before + commits` by this handle's commits alone; a commit by another
+    /// writer in between (or a set grown too large) drops the set, to be read again.
+    pub fn remember_keys(&mut self, before: Option<u64>, commits: u64, fresh: Vec<KeyId>) {
+        let ours = matches!((before, self.delta_version()), (Some(b), Some(a)) if a == b + commits);
+        match (&mut self.known_keys, ours) {
+            (Some(known), true) if known.has_room_for(&fresh) => {
+                fresh.into_iter().for_each(|k| known.insert(k))
+            }
+            _ => self.known_keys = None,
+        }
     }
 
     /// The keys ([`row_keys`]) of every row of the key `columns`, each cast to its type in
@@ -733,6 +744,8 @@ impl LakeTable {
         Ok(KeySet::of(&out))
     }
 
+    /// Every row matching `filter` (SQL over the table's columns; all rows without one),
+    /// as JSON objects in Arrow's JSON form. For small tables (plugin state).
     pub async fn rows(&self, filter: Option<&str>) -> Result<Vec<Map<String, Value>>, DeltaError> {
         let Some(table) = self.table.as_ref() else {
             return Ok(Vec::new());
