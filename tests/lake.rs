@@ -792,7 +792,7 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
     let mut alerts = open("fraud_alerts").await;
     let row = |key: &str, doc: serde_json::Value, lsn: u64| OutputRow {
         key: key.into(),
-        document: doc,
+        document: weir::json::JsonObject::from_map(doc.as_object().expect("an object")),
         lsn: Lsn(lsn),
         ts_ms: 1_700_000_000_000,
     };

@@ -47,7 +47,7 @@ fn fraud_rule_flags_amounts_over_three_times_the_average() {
         tx("c", 5, 7, "50.00", "0/50"), // avg (10+20+90.01)/3 = 40.00: 50 < 120
     ];
     let out = inst.process(&docs);
-    let alerts: Vec<&Value> = out.iter().map(|o| &ok(o)[0].document).collect();
+    let alerts: Vec<Value> = out.iter().map(|o| ok(o)[0].document.to_value()).collect();
     assert_eq!(ok(&out[2])[0].collection, "fraud_alerts");
     assert_eq!(ok(&out[2])[0].key, "3");
     assert_eq!(
@@ -72,13 +72,16 @@ fn fraud_rule_flags_amounts_over_three_times_the_average() {
         tx("c", 6, 7, "100.00", "0/80"),
     ]);
     // After the update, user 7 has 10, 20, 50 (avg 26.67) besides tx 3 itself.
-    assert_eq!(ok(&out[0])[0].document["user_avg"], json!(26.67));
+    assert_eq!(ok(&out[0])[0].document.to_value()["user_avg"], json!(26.67));
     assert_eq!(
-        ok(&out[1])[0].document,
+        ok(&out[1])[0].document.to_value(),
         json!({"transaction_id": 3, "_deleted": true, "lsn": "0/70"})
     );
     // After the delete: 10, 20, 50 -> avg 26.67; 100 > 80 -> anomaly.
-    assert_eq!(ok(&out[2])[0].document["is_anomaly"], json!(true));
+    assert_eq!(
+        ok(&out[2])[0].document.to_value()["is_anomaly"],
+        json!(true)
+    );
 
     // Other tables pass without output; a broken document fails alone, with the reason.
     let out = inst.process(&[
@@ -126,7 +129,7 @@ fn fraud_rule_with_before_images_keeps_only_the_users_in_its_state() {
         let out: Vec<Value> = inst
             .process(&docs)
             .iter()
-            .map(|o| ok(o)[0].document.clone())
+            .map(|o| ok(o)[0].document.to_value())
             .collect();
         let mut keys: Vec<String> = inst.take_state_changes().into_keys().collect();
         keys.sort();
@@ -198,7 +201,11 @@ fn fraud_rule_config_is_checked_and_used() {
     // 90 > 82.5.
     let flags: Vec<bool> = out
         .iter()
-        .map(|o| ok(o)[0].document["is_anomaly"].as_bool().unwrap())
+        .map(|o| {
+            ok(o)[0].document.to_value()["is_anomaly"]
+                .as_bool()
+                .unwrap()
+        })
         .collect();
     assert_eq!(flags, [false, false, true]);
 }
@@ -212,8 +219,8 @@ fn mask_email_replaces_the_users_document() {
     let out = inst.process(&[doc.to_string()]);
     let o = &ok(&out[0])[0];
     assert_eq!((o.collection.as_str(), o.key.as_str()), ("users", "4"));
-    assert_eq!(o.document["email"], json!("a****@example.com"));
-    assert_eq!(o.document["_meta"]["op"], json!("c"));
+    assert_eq!(o.document.to_value()["email"], json!("a****@example.com"));
+    assert_eq!(o.document.to_value()["_meta"]["op"], json!("c"));
 }
 
 fn limits() -> Limits {
@@ -242,8 +249,8 @@ fn misbehaving_plugins_fail_only_the_poison_document() {
         let docs = [doc_with(1, false), doc_with(2, true), doc_with(3, false)];
         let out = inst.process(&docs);
         assert_eq!(out.len(), 3, "{mode}");
-        assert_eq!(ok(&out[0])[0].document["id"], json!(1), "{mode}");
-        assert_eq!(ok(&out[2])[0].document["id"], json!(3), "{mode}");
+        assert_eq!(ok(&out[0])[0].document.to_value()["id"], json!(1), "{mode}");
+        assert_eq!(ok(&out[2])[0].document.to_value()["id"], json!(3), "{mode}");
         let f = out[1]
             .as_ref()
             .err()
@@ -253,7 +260,11 @@ fn misbehaving_plugins_fail_only_the_poison_document() {
         assert!(f.error.contains(words), "{mode}: {}", f.error);
         // The plugin keeps working after the failure.
         let again = inst.process(&[doc_with(4, false)]);
-        assert_eq!(ok(&again[0])[0].document["id"], json!(4), "{mode}");
+        assert_eq!(
+            ok(&again[0])[0].document.to_value()["id"],
+            json!(4),
+            "{mode}"
+        );
         if mode == "trap" {
             // Its panic message went to standard error, which the sandbox discards.
             assert!(!f.error.contains("poisoned"), "{}", f.error);
@@ -275,7 +286,7 @@ fn a_panic_reported_through_the_sdk_names_its_message_and_place() {
     );
     let mut inst = plugin.instantiate(PluginState::default()).unwrap();
     let out = inst.process(&[doc_with(1, false), doc_with(2, true)]);
-    assert_eq!(ok(&out[0])[0].document["id"], json!(1));
+    assert_eq!(ok(&out[0])[0].document.to_value()["id"], json!(1));
     let f = out[1].as_ref().unwrap_err();
     assert_eq!(f.kind, FailureKind::Trap);
     assert!(
@@ -302,7 +313,7 @@ fn the_sandbox_grants_no_files_network_environment_or_clock() {
     let plugin = load("misbehave", json!({ "mode": "escape" }), limits());
     let mut inst = plugin.instantiate(PluginState::default()).unwrap();
     let out = inst.process(&[doc_with(1, true)]);
-    let report = &ok(&out[0])[0].document;
+    let report = &ok(&out[0])[0].document.to_value();
     assert_eq!(
         report,
         &json!({"file_ok": false, "dir_ok": false, "net_ok": false, "env_vars": 0, "args": 0, "unix_time": 0})
@@ -495,8 +506,11 @@ fn cache_is_keyed_by_the_component_and_state_survives_batches() {
     let state = inst.state().clone();
     let mut next = plugin.instantiate(state).unwrap();
     let out = next.process(&[tx("c", 3, 5, "61.00", "0/3")]);
-    assert_eq!(ok(&out[0])[0].document["user_avg"], json!(20.0));
-    assert_eq!(ok(&out[0])[0].document["is_anomaly"], json!(true));
+    assert_eq!(ok(&out[0])[0].document.to_value()["user_avg"], json!(20.0));
+    assert_eq!(
+        ok(&out[0])[0].document.to_value()["is_anomaly"],
+        json!(true)
+    );
 }
 
 /// The hand-checked fixture in `plugins/fraud-rule/fixtures` (see its README).

@@ -26,6 +26,7 @@ pub mod config;
 pub mod datagen;
 pub mod decode;
 pub mod document;
+pub mod json;
 pub mod local_postgres;
 pub mod lsn;
 pub mod pipeline;

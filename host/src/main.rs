@@ -23,9 +23,14 @@ const MI_OPTION_PAGE_COMMIT_ON_DEMAND: libmimalloc_sys::mi_option_t = 40;
 
 fn main() -> ExitCode {
     // SAFETY: sets mimalloc's options, before any other thread exists.
+    // Both can still be set from the environment (`MIMALLOC_PURGE_DELAY`, ...).
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-        libmimalloc_sys::mi_option_set(MI_OPTION_PAGE_COMMIT_ON_DEMAND, 1);
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
+        if std::env::var_os("MIMALLOC_PAGE_COMMIT_ON_DEMAND").is_none() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PAGE_COMMIT_ON_DEMAND, 1);
+        }
     }
     match cli::run() {
         Ok(code) => code,

@@ -157,7 +157,7 @@ pub(super) struct Measured {
     pub(super) seconds: f64,
     pub(super) max_rss_kib: i64,
     /// CPU seconds of the server process that decoded the WAL for this client.
-    walsender_cpu: f64,
+    pub(super) walsender_cpu: f64,
     /// CPU seconds (user + system) of the measured process itself.
     pub(super) cpu: f64,
 }

@@ -191,6 +191,16 @@ pub fn run(
         ours.max_rss_kib / 1024,
         alerts.trim()
     );
+    // CPU is steadier than wall time on a shared machine: compare changes by it too.
+    println!(
+        "CPU: weir run {:.2} s ({:.1} us per change), its walsender {:.2} s; pg_recvlogical \
+         {:.2} s, its walsender {:.2} s",
+        ours.cpu,
+        1e6 * ours.cpu / rows as f64,
+        ours.walsender_cpu,
+        baseline.cpu,
+        baseline.walsender_cpu,
+    );
     drop_slot(&pg, "bench_recvlogical")?;
 
     // 2. One large transaction: peak memory.

@@ -75,7 +75,9 @@ fn wasm_round(plugin: &Arc<LoadedPlugin>, docs: &[String], batch: usize) -> Resu
     for chunk in docs.chunks(batch) {
         for outcome in instance.process(chunk) {
             for e in outcome.map_err(|f| anyhow::anyhow!("{}: {}", f.plugin, f.error))? {
-                anomalies += usize::from(e.document["is_anomaly"] == Value::Bool(true));
+                anomalies += usize::from(
+                    e.document.get("is_anomaly").and_then(|v| v.as_bool()) == Some(true),
+                );
             }
         }
     }

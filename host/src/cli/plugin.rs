@@ -120,8 +120,7 @@ fn test(args: TestArgs) -> Result<ExitCode> {
         match outcome {
             Ok(outputs) => {
                 for o in outputs {
-                    let v =
-                        json!({"collection": o.collection, "key": o.key, "document": o.document});
+                    let v = json!({"collection": o.collection, "key": o.key, "document": o.document.to_value()});
                     writeln!(out, "{v}")?;
                     emitted.push(v);
                 }

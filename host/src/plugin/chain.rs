@@ -68,7 +68,7 @@ impl Chain {
                     Ok(emitted) => {
                         for e in emitted {
                             if tables[i].as_ref() == e.collection {
-                                out.documents[i] = e.document.to_string();
+                                out.documents[i] = e.document.into_text();
                                 out.replaced[i] = true;
                             } else {
                                 out.emitted.push((i, e));

@@ -26,6 +26,7 @@ use serde_json::Value;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
+use crate::json::JsonObject;
 pub use chain::{Chain, ChainOutput};
 pub use state::{PluginState, StateChanges};
 use store::StoreState;
@@ -193,7 +194,7 @@ pub struct Emitted {
     /// Key in the collection.
     pub key: String,
     /// The document (a JSON object).
-    pub document: Value,
+    pub document: JsonObject,
 }
 
 /// The result for one input document.
@@ -550,18 +551,12 @@ impl PluginInstance {
                         ),
                     ));
                 }
-                let document: Value = serde_json::from_str(&o.document).map_err(|e| {
+                let document = JsonObject::parse(o.document).map_err(|e| {
                     self.failure(
                         FailureKind::InvalidOutput,
-                        format!("output for `{}` is not valid JSON: {e}", o.collection),
+                        format!("output for `{}` {e}", o.collection),
                     )
                 })?;
-                if !document.is_object() {
-                    return Err(self.failure(
-                        FailureKind::InvalidOutput,
-                        format!("output for `{}` is not a JSON object", o.collection),
-                    ));
-                }
                 Ok(Emitted {
                     collection: o.collection,
                     key: o.key,

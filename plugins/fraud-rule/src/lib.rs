@@ -102,8 +102,12 @@ impl FraudRule {
     fn record(&self, doc: &Document, tx: i64) -> Result<Output, String> {
         let user = field(doc, "user_id")? as i64;
         let amount = field(doc, "amount")?;
-        let out = self.score(doc, tx, user, amount);
-        adjust(user, 1, amount);
+        let key = user_key(user);
+        let mut stats: UserStats = state::get_json(&key).unwrap_or_default();
+        let out = self.score(doc, tx, user, amount, &stats)?;
+        stats.count += 1;
+        stats.sum += amount;
+        state::set_json(&key, &stats);
         if !self.config.before_images {
             state::set_json(
                 &tx_key(tx),
@@ -149,8 +153,14 @@ impl FraudRule {
         Ok(from_before)
     }
 
-    fn score(&self, doc: &Document, tx: i64, user: i64, amount: f64) -> Output {
-        let stats: UserStats = state::get_json(&user_key(user)).unwrap_or_default();
+    fn score(
+        &self,
+        doc: &Document,
+        tx: i64,
+        user: i64,
+        amount: f64,
+        stats: &UserStats,
+    ) -> Result<Output, String> {
         let avg = if stats.count > 0 {
             stats.sum / stats.count as f64
         } else {
@@ -158,25 +168,43 @@ impl FraudRule {
         };
         let is_anomaly =
             stats.count >= self.config.min_history && amount > self.config.multiplier * avg;
-        Output::new(
+        Output::serialize(
             &self.config.collection,
             tx.to_string(),
-            json!({
-                "transaction_id": tx,
-                "user_id": user,
-                "transaction_date": doc.get("transaction_date").cloned().unwrap_or(Value::Null),
-                "amount": doc.get("amount").cloned().unwrap_or(Value::Null),
-                "user_avg": cents(avg),
-                "amount_diff": cents(amount - avg),
-                "history": stats.count,
-                "is_anomaly": is_anomaly,
-                "rule": RULE,
-                "rule_version": VERSION,
-                "multiplier": self.config.multiplier,
-                "lsn": doc.lsn(),
-            }),
+            &Alert {
+                amount: doc.get("amount"),
+                amount_diff: cents(amount - avg),
+                history: stats.count,
+                is_anomaly,
+                lsn: doc.lsn(),
+                multiplier: self.config.multiplier,
+                rule: RULE,
+                rule_version: VERSION,
+                transaction_date: doc.get("transaction_date"),
+                transaction_id: tx,
+                user_avg: cents(avg),
+                user_id: user,
+            },
         )
     }
+}
+
+/// What the rule emits for a scored transaction (fields in name order, as a JSON object
+/// built with `json!` would have them).
+#[derive(Serialize)]
+struct Alert<'a> {
+    amount: Option<&'a Value>,
+    amount_diff: f64,
+    history: u64,
+    is_anomaly: bool,
+    lsn: Option<&'a str>,
+    multiplier: f64,
+    rule: &'a str,
+    rule_version: &'a str,
+    transaction_date: Option<&'a Value>,
+    transaction_id: i64,
+    user_avg: f64,
+    user_id: i64,
 }
 
 fn field(doc: &Document, name: &str) -> Result<f64, String> {

@@ -23,7 +23,7 @@
 //! `weir:plugin@0.1.0`).
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 
 use serde_json::{Map, Value};
 
@@ -86,9 +86,19 @@ pub trait Plugin: Sized + 'static {
 }
 
 /// A change document: the row's columns at top level, plus `_meta`.
+///
+/// The document is parsed lazily: reading it checks that it is valid JSON and notes where
+/// each top-level field is, and a field's value is decoded when it is first asked for
+/// (numbers and strings without escapes are read straight from the text). A plugin that
+/// looks at a few columns pays for those only.
 #[derive(Debug, Clone)]
 pub struct Document {
-    value: Map<String, Value>,
+    text: Box<str>,
+    top: Members,
+    meta: OnceCell<Option<Members>>,
+    source: OnceCell<Option<Members>>,
+    map: OnceCell<Map<String, Value>>,
+    before: OnceCell<Option<Map<String, Value>>>,
 }
 
 /// What happened to the row (`_meta.op`).
@@ -109,58 +119,81 @@ pub enum Op {
 impl Document {
     /// Parses a document.
     pub fn parse(json: &str) -> Result<Document, String> {
-        match serde_json::from_str(json) {
-            Ok(Value::Object(value)) => Ok(Document { value }),
-            Ok(_) => Err("the document is not a JSON object".into()),
-            Err(e) => Err(format!("the document is not valid JSON: {e}")),
-        }
+        Document::from_string(json.to_string())
+    }
+
+    /// Parses a document, taking its text.
+    pub fn from_string(json: String) -> Result<Document, String> {
+        let text = json.into_boxed_str();
+        let top = match Members::parse(&text, Span::all(&text)) {
+            Ok(Some(top)) => top,
+            Ok(None) => return Err("the document is not a JSON object".into()),
+            Err(e) => return Err(format!("the document is not valid JSON: {e}")),
+        };
+        Ok(Document {
+            text,
+            top,
+            meta: OnceCell::new(),
+            source: OnceCell::new(),
+            map: OnceCell::new(),
+            before: OnceCell::new(),
+        })
     }
 
     /// The whole document (columns and `_meta`).
     pub fn as_map(&self) -> &Map<String, Value> {
-        &self.value
+        self.map
+            .get_or_init(|| match serde_json::from_str(&self.text) {
+                Ok(Value::Object(map)) => map,
+                _ => Map::new(),
+            })
     }
 
     /// A column's value.
     pub fn get(&self, column: &str) -> Option<&Value> {
-        self.value.get(column)
+        let i = self.top.find(&self.text, column)?;
+        Some(self.top.value(&self.text, i))
     }
 
     /// A column's value as a string.
     pub fn get_str(&self, column: &str) -> Option<&str> {
-        self.get(column)?.as_str()
+        let i = self.top.find(&self.text, column)?;
+        self.top.str_at(&self.text, i)
     }
 
     /// A column's value as a number: JSON numbers, and decimal strings (weir sends
     /// `numeric` columns as exact strings such as `"125.50"`).
     pub fn get_f64(&self, column: &str) -> Option<f64> {
-        match self.get(column)? {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.parse().ok(),
-            _ => None,
-        }
+        let i = self.top.find(&self.text, column)?;
+        self.top.number_at(&self.text, i)
     }
 
     /// A column's value as an integer.
     pub fn get_i64(&self, column: &str) -> Option<i64> {
-        match self.get(column)? {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.parse().ok(),
-            _ => None,
-        }
+        let i = self.top.find(&self.text, column)?;
+        self.top.number_at(&self.text, i)
     }
 
-    fn meta(&self) -> Option<&Map<String, Value>> {
-        self.value.get("_meta")?.as_object()
+    fn meta(&self) -> Option<&Members> {
+        self.meta
+            .get_or_init(|| self.top.object_at(&self.text, "_meta"))
+            .as_ref()
     }
 
-    fn source(&self, field: &str) -> Option<&Value> {
-        self.meta()?.get("source")?.as_object()?.get(field)
+    fn source(&self, field: &str) -> Option<&str> {
+        let source = self
+            .source
+            .get_or_init(|| self.meta()?.object_at(&self.text, "source"))
+            .as_ref()?;
+        let i = source.find(&self.text, field)?;
+        source.str_at(&self.text, i)
     }
 
     /// The operation.
     pub fn op(&self) -> Option<Op> {
-        Some(match self.meta()?.get("op")?.as_str()? {
+        let meta = self.meta()?;
+        let i = meta.find(&self.text, "op")?;
+        Some(match meta.str_at(&self.text, i)? {
             "c" => Op::Insert,
             "u" => Op::Update,
             "d" => Op::Delete,
@@ -172,35 +205,247 @@ impl Document {
 
     /// The source table's name (without schema).
     pub fn table(&self) -> Option<&str> {
-        self.source("table")?.as_str()
+        self.source("table")
     }
 
     /// The source schema.
     pub fn schema(&self) -> Option<&str> {
-        self.source("schema")?.as_str()
+        self.source("schema")
     }
 
     /// The commit LSN of the source transaction, as text.
     pub fn lsn(&self) -> Option<&str> {
-        self.source("lsn")?.as_str()
+        self.source("lsn")
     }
 
     /// The old row or key (`_meta.before`), when PostgreSQL sent it.
     pub fn before(&self) -> Option<&Map<String, Value>> {
-        self.meta()?.get("before")?.as_object()
+        self.before
+            .get_or_init(|| {
+                let meta = self.meta()?;
+                let i = meta.find(&self.text, "before")?;
+                meta.value(&self.text, i).as_object().cloned()
+            })
+            .as_ref()
     }
 
     /// A key built from columns' values, joined with `|` (`"42"`, `"7|2024-01-01"`).
     pub fn key_of(&self, columns: &[&str]) -> String {
-        columns
-            .iter()
-            .map(|c| match self.get(c) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(v) => v.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("|")
+        let mut key = String::new();
+        for (n, c) in columns.iter().enumerate() {
+            if n > 0 {
+                key.push('|');
+            }
+            let Some(i) = self.top.find(&self.text, c) else {
+                continue;
+            };
+            match self.top.value(&self.text, i) {
+                Value::String(s) => key.push_str(s),
+                Value::Null => {}
+                v => key.push_str(&v.to_string()),
+            }
+        }
+        key
+    }
+}
+
+/// A byte range of a document's text.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    fn all(text: &str) -> Span {
+        Span {
+            start: 0,
+            end: text.len(),
+        }
+    }
+
+    /// Where `part`, a slice of `text`, lies in it.
+    fn of(text: &str, part: &str) -> Span {
+        let start = part.as_ptr() as usize - text.as_ptr() as usize;
+        Span {
+            start,
+            end: start + part.len(),
+        }
+    }
+
+    fn get(self, text: &str) -> &str {
+        &text[self.start..self.end]
+    }
+}
+
+/// A member's name: where it is in the text, or unescaped when it has escapes.
+#[derive(Debug, Clone)]
+enum Name {
+    At(Span),
+    Unescaped(String),
+}
+
+/// The members of one JSON object of a document: names and where their values are, each
+/// value decoded on first use.
+#[derive(Debug, Clone)]
+struct Members {
+    names: Vec<Name>,
+    values: Vec<Span>,
+    decoded: Vec<OnceCell<Value>>,
+}
+
+impl Members {
+    /// The members of the object at `span` of `text` (`None`: valid JSON, not an object).
+    fn parse(text: &str, span: Span) -> Result<Option<Members>, serde_json::Error> {
+        use serde::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_str(span.get(text));
+        let found = match de.deserialize_map(MembersVisitor { text }) {
+            Ok(found) => found,
+            Err(e) if e.classify() == serde_json::error::Category::Data => {
+                // Not an object: still report a syntax error as one.
+                serde_json::from_str::<serde::de::IgnoredAny>(span.get(text))?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        de.end()?;
+        let (names, values): (Vec<Name>, Vec<Span>) = found.into_iter().unzip();
+        let decoded = vec![OnceCell::new(); values.len()];
+        Ok(Some(Members {
+            names,
+            values,
+            decoded,
+        }))
+    }
+
+    /// The index of member `name` (the last one, when a name repeats, as a map keeps).
+    fn find(&self, text: &str, name: &str) -> Option<usize> {
+        self.names.iter().rposition(|n| match n {
+            Name::At(span) => span.get(text) == name,
+            Name::Unescaped(s) => s == name,
+        })
+    }
+
+    fn raw<'a>(&self, text: &'a str, i: usize) -> &'a str {
+        self.values[i].get(text)
+    }
+
+    fn value(&self, text: &str, i: usize) -> &Value {
+        self.decoded[i]
+            .get_or_init(|| serde_json::from_str(self.raw(text, i)).unwrap_or(Value::Null))
+    }
+
+    /// A string member, read from the text when it has no escapes.
+    fn str_at<'a>(&'a self, text: &'a str, i: usize) -> Option<&'a str> {
+        let raw = self.raw(text, i);
+        if raw.starts_with('"') && !raw.contains('\\') {
+            return Some(&raw[1..raw.len() - 1]);
+        }
+        self.value(text, i).as_str()
+    }
+
+    /// A number member, or a string member holding one.
+    fn number_at<T: std::str::FromStr>(&self, text: &str, i: usize) -> Option<T> {
+        let raw = self.raw(text, i);
+        match raw.as_bytes().first()? {
+            b'"' => self.str_at(text, i)?.parse().ok(),
+            b'-' | b'0'..=b'9' => raw.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The members of member `name`, when it is an object.
+    fn object_at(&self, text: &str, name: &str) -> Option<Members> {
+        let i = self.find(text, name)?;
+        Members::parse(text, self.values[i]).ok().flatten()
+    }
+}
+
+/// Collects an object's member names and value positions, borrowing from the text.
+struct MembersVisitor<'a> {
+    text: &'a str,
+}
+
+impl<'de> serde::de::Visitor<'de> for MembersVisitor<'de> {
+    type Value = Vec<(Name, Span)>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let value: &'de serde_json::value::RawValue = map.next_value()?;
+            let name = match key {
+                Key::Borrowed(s) => Name::At(Span::of(self.text, s)),
+                Key::Owned(s) => Name::Unescaped(s),
+            };
+            out.push((name, Span::of(self.text, value.get())));
+        }
+        Ok(out)
+    }
+}
+
+/// A member name: borrowed from the text unless it had escapes.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key::Borrowed(s))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(s))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A document to emit: a JSON value, or JSON text already serialized (see
+/// [`Output::serialize`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    /// A value.
+    Value(Value),
+    /// Serialized text.
+    Text(String),
+}
+
+impl Json {
+    /// The document as JSON text.
+    pub fn into_text(self) -> String {
+        match self {
+            Json::Value(v) => v.to_string(),
+            Json::Text(t) => t,
+        }
+    }
+
+    /// The document as a value.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Json::Value(v) => v.clone(),
+            Json::Text(t) => serde_json::from_str(t).unwrap_or(Value::Null),
+        }
+    }
+}
+
+impl From<Value> for Json {
+    fn from(v: Value) -> Json {
+        Json::Value(v)
     }
 }
 
@@ -212,17 +457,32 @@ pub struct Output {
     /// Its key there.
     pub key: String,
     /// The document (a JSON object).
-    pub document: Value,
+    pub document: Json,
 }
 
 impl Output {
     /// An output for `collection` under `key`.
-    pub fn new(collection: impl Into<String>, key: impl Into<String>, document: Value) -> Output {
+    pub fn new(
+        collection: impl Into<String>,
+        key: impl Into<String>,
+        document: impl Into<Json>,
+    ) -> Output {
         Output {
             collection: collection.into(),
             key: key.into(),
-            document,
+            document: document.into(),
         }
+    }
+
+    /// An output serialized straight from a struct (`#[derive(Serialize)]`), without
+    /// building a JSON value first: the cheapest way to emit a document of fixed shape.
+    pub fn serialize<T: serde::Serialize>(
+        collection: impl Into<String>,
+        key: impl Into<String>,
+        document: &T,
+    ) -> Result<Output, String> {
+        let text = serde_json::to_string(document).map_err(|e| e.to_string())?;
+        Ok(Output::new(collection, key, Json::Text(text)))
     }
 }
 
@@ -323,7 +583,7 @@ pub fn run_native<P: Plugin>(
     Ok(plugin
         .process(&doc)?
         .into_iter()
-        .map(|o| (o.collection, o.key, o.document.to_string()))
+        .map(|o| (o.collection, o.key, o.document.into_text()))
         .collect())
 }
 
@@ -341,16 +601,16 @@ pub fn __process<P: Plugin>(
                 .collect();
         };
         documents
-            .iter()
+            .into_iter()
             .map(|json| {
-                let doc = Document::parse(json)?;
+                let doc = Document::from_string(json)?;
                 let outputs = plugin.process(&doc)?;
                 Ok(outputs
                     .into_iter()
                     .map(|o| bindings::weir::plugin::types::Output {
                         collection: o.collection,
                         key: o.key,
-                        document: o.document.to_string(),
+                        document: o.document.into_text(),
                     })
                     .collect())
             })
@@ -380,4 +640,99 @@ macro_rules! export_plugin {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::export!(__WeirPluginExport with_types_in $crate::bindings);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const INSERT: &str = r#"{"transaction_id": 42, "user_id": 7, "amount": "125.50",
+        "note": "a \"quoted\" word", "ratio": -1.5e2, "flag": true, "gone": null,
+        "nested": {"a": [1, 2]}, "dup": 1, "dup": 2, "caf\u00e9": "latte",
+        "_meta": {"op": "u", "before": {"transaction_id": 42, "amount": "100.00"},
+                  "source": {"schema": "public", "table": "transactions", "lsn": "0/16B3748"}}}"#;
+
+    #[test]
+    fn lazy_reads_equal_the_parsed_document() {
+        let doc = Document::parse(INSERT).unwrap();
+        let full: Map<String, Value> = serde_json::from_str(INSERT).unwrap();
+        assert_eq!(doc.as_map(), &full);
+        for (name, value) in &full {
+            assert_eq!(doc.get(name), Some(value), "{name}");
+            assert_eq!(doc.get_str(name), value.as_str(), "{name}");
+        }
+        assert_eq!(
+            doc.get("dup"),
+            Some(&json!(2)),
+            "the last of a repeated name wins"
+        );
+        assert_eq!(doc.get_str("note"), Some("a \"quoted\" word"));
+        assert_eq!(doc.get_str("café"), Some("latte"));
+        assert_eq!(doc.get_f64("amount"), Some(125.5));
+        assert_eq!(doc.get_f64("ratio"), Some(-150.0));
+        assert_eq!(doc.get_i64("transaction_id"), Some(42));
+        assert_eq!(doc.get_i64("ratio"), None);
+        assert_eq!(doc.get_f64("flag"), None);
+        assert_eq!(doc.get_f64("gone"), None);
+        assert_eq!(doc.get("missing"), None);
+        assert_eq!(doc.op(), Some(Op::Update));
+        assert_eq!(doc.table(), Some("transactions"));
+        assert_eq!(doc.schema(), Some("public"));
+        assert_eq!(doc.lsn(), Some("0/16B3748"));
+        assert_eq!(
+            doc.before(),
+            full["_meta"]["before"].as_object(),
+            "before-image"
+        );
+        assert_eq!(
+            doc.key_of(&["user_id", "amount", "gone", "nested"]),
+            "7|125.50||{\"a\":[1,2]}"
+        );
+    }
+
+    #[test]
+    fn bad_documents_are_refused_with_the_reason() {
+        let e = Document::parse("[1, 2]").unwrap_err();
+        assert_eq!(e, "the document is not a JSON object");
+        let e = Document::parse(r#"{"a": 1"#).unwrap_err();
+        assert!(e.starts_with("the document is not valid JSON"), "{e}");
+        let e = Document::parse(r#"{"a": [1, }"#).unwrap_err();
+        assert!(e.starts_with("the document is not valid JSON"), "{e}");
+        let e = Document::parse(r#"{"a": 1} x"#).unwrap_err();
+        assert!(e.starts_with("the document is not valid JSON"), "{e}");
+        let e = Document::parse("[1, ").unwrap_err();
+        assert!(e.starts_with("the document is not valid JSON"), "{e}");
+        // No `_meta`, or a `_meta` of another kind: no op, no table.
+        let doc = Document::parse(r#"{"_meta": 3}"#).unwrap();
+        assert_eq!((doc.op(), doc.table(), doc.before()), (None, None, None));
+    }
+
+    #[test]
+    fn outputs_serialize_as_values_would() {
+        #[derive(serde::Serialize)]
+        struct Alert<'a> {
+            amount: Option<&'a Value>,
+            id: i64,
+            ok: bool,
+        }
+        let amount = json!("1.50");
+        let typed = Output::serialize(
+            "alerts",
+            "1",
+            &Alert {
+                amount: Some(&amount),
+                id: 1,
+                ok: true,
+            },
+        )
+        .unwrap();
+        let built = Output::new(
+            "alerts",
+            "1",
+            json!({"amount": "1.50", "id": 1, "ok": true}),
+        );
+        assert_eq!(typed.document.to_value(), built.document.to_value());
+        assert_eq!(typed.document.into_text(), built.document.into_text());
+    }
 }

@@ -11,9 +11,10 @@
 use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
 use serde_json::{Map, Value};
 
-use super::schema::{JsonRow, record_batch};
+use super::schema::{Cell, JsonRow, record_batch};
 use super::table::{LakeTable, key_id};
 use super::{COMMIT_TS, DeltaError, LSN};
+use crate::json::{JsonObject, RawJson};
 use crate::lsn::Lsn;
 
 /// The key column of a collection table.
@@ -27,7 +28,7 @@ pub struct OutputRow {
     /// Its key in the collection (a later row with the same key replaces it).
     pub key: String,
     /// The document (a JSON object).
-    pub document: Value,
+    pub document: JsonObject,
     /// Commit LSN of the source change it came from.
     pub lsn: Lsn,
     /// Commit time of that change, Unix milliseconds.
@@ -60,13 +61,13 @@ fn timestamp() -> DataType {
 }
 
 /// The column type a JSON value asks for (`None` for null: no evidence).
-fn inferred_type(v: &Value) -> Option<DataType> {
-    match v {
-        Value::Null => None,
-        Value::Bool(_) => Some(DataType::Boolean),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Some(DataType::Int64),
-        Value::Number(_) => Some(DataType::Float64),
-        Value::String(_) | Value::Array(_) | Value::Object(_) => Some(DataType::Utf8),
+fn inferred_type(v: RawJson) -> Option<DataType> {
+    match v.text().as_bytes().first()? {
+        b'n' => None,
+        b't' | b'f' => Some(DataType::Boolean),
+        b'"' | b'[' | b'{' => Some(DataType::Utf8),
+        _ if v.as_i64().is_some() || v.as_u64().is_some() => Some(DataType::Int64),
+        _ => Some(DataType::Float64),
     }
 }
 
@@ -100,12 +101,12 @@ impl<'a> Cells<'a> {
 }
 
 impl JsonRow for Cells<'_> {
-    fn field(&self, _: usize, name: &str) -> Option<&Value> {
+    fn field(&self, _: usize, name: &str) -> Option<Cell<'_>> {
         match name {
-            KEY => Some(&self.key),
-            LSN => Some(&self.lsn),
-            COMMIT_TS => Some(&self.ts),
-            _ => self.row.document.as_object()?.get(name),
+            KEY => Some(Cell::Value(&self.key)),
+            LSN => Some(Cell::Value(&self.lsn)),
+            COMMIT_TS => Some(Cell::Value(&self.ts)),
+            _ => self.row.document.get(name).map(Cell::Raw),
         }
     }
 }
@@ -133,14 +134,11 @@ pub async fn write_collection(
         _ => 3,
     };
     for row in rows {
-        let Some(obj) = row.document.as_object() else {
-            continue;
-        };
-        for (name, value) in obj {
+        for (name, value) in row.document.members() {
             let Some(wanted) = inferred_type(value) else {
                 continue;
             };
-            if !accepted.insert((name.as_str(), code(&wanted))) {
+            if !accepted.insert((name, code(&wanted))) {
                 continue;
             }
             let known = existing
@@ -157,17 +155,17 @@ pub async fn write_collection(
                 Some(DataType::Int64) if wanted == DataType::Float64 => {
                     return Err(DeltaError::IncompatibleSchema {
                         table: table.name.clone(),
-                        column: name.clone(),
+                        column: name.to_string(),
                         found: "Int64".into(),
-                        expected: format!("{wanted} (the value {value})"),
+                        expected: format!("{wanted} (the value {})", value.text()),
                     });
                 }
                 Some(found) => {
                     return Err(DeltaError::IncompatibleSchema {
                         table: table.name.clone(),
-                        column: name.clone(),
+                        column: name.to_string(),
                         found: found.to_string(),
-                        expected: format!("{wanted} (the value {value})"),
+                        expected: format!("{wanted} (the value {})", value.text()),
                     });
                 }
                 None => fields.push(Field::new(name, wanted, true)),
@@ -265,7 +263,7 @@ pub async fn write_state(
     /// One state change as the table's columns.
     struct StateRow([Value; 5]);
     impl JsonRow for StateRow {
-        fn field(&self, _: usize, name: &str) -> Option<&Value> {
+        fn field(&self, _: usize, name: &str) -> Option<Cell<'_>> {
             let i = match name {
                 KEY => 0,
                 "plugin" => 1,
@@ -274,7 +272,7 @@ pub async fn write_state(
                 LSN => 4,
                 _ => return None,
             };
-            Some(&self.0[i])
+            Some(Cell::Value(&self.0[i]))
         }
     }
     let at = Value::from(position.0 as i64);

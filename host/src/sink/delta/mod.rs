@@ -423,14 +423,19 @@ impl DeltaSink {
                 .collections
                 .get_mut(name.as_str())
                 .expect("opened above");
-            let rows: Vec<collection::OutputRow> = outputs[name]
-                .iter()
-                .filter(|r| t.version.is_none_or(|v| r.lsn >= v))
-                .cloned()
-                .collect();
+            // Rows the table holds already (a replay) are left out; copied only then.
+            let all = &outputs[name];
+            let kept: Vec<collection::OutputRow>;
+            let rows: &[collection::OutputRow] = match t.version {
+                Some(v) if all.iter().any(|r| r.lsn < v) => {
+                    kept = all.iter().filter(|r| r.lsn >= v).cloned().collect();
+                    &kept
+                }
+                _ => all,
+            };
             if !rows.is_empty() {
                 let started = std::time::Instant::now();
-                collection::write_collection(t, &rows, position).await?;
+                collection::write_collection(t, rows, position).await?;
                 self.stats.collection_time += started.elapsed();
                 self.stats.collection_rows += rows.len() as u64;
                 self.stats.commits += 1;

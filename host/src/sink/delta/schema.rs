@@ -17,6 +17,7 @@
 //!
 //! `±infinity` timestamps and dates become NULL: Delta has no such values.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -28,6 +29,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 use serde_json::{Map, Value};
 
 use crate::decode::TypeKind;
+use crate::json::RawJson;
 use crate::source::relation::ColumnInfo;
 
 /// Largest precision of a Delta decimal.
@@ -161,22 +163,71 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// One cell of a row: a JSON value, or the text of one.
+#[derive(Debug, Clone, Copy)]
+pub enum Cell<'a> {
+    /// A value.
+    Value(&'a Value),
+    /// A value's JSON text.
+    Raw(RawJson<'a>),
+}
+
+impl<'a> Cell<'a> {
+    fn is_null(self) -> bool {
+        match self {
+            Cell::Value(v) => v.is_null(),
+            Cell::Raw(r) => r.is_null(),
+        }
+    }
+    fn as_bool(self) -> Option<bool> {
+        match self {
+            Cell::Value(v) => v.as_bool(),
+            Cell::Raw(r) => r.as_bool(),
+        }
+    }
+    fn as_i64(self) -> Option<i64> {
+        match self {
+            Cell::Value(v) => v.as_i64(),
+            Cell::Raw(r) => r.as_i64(),
+        }
+    }
+    fn as_f64(self) -> Option<f64> {
+        match self {
+            Cell::Value(Value::Number(n)) => n.as_f64(),
+            Cell::Value(_) => None,
+            Cell::Raw(r) => r.as_f64(),
+        }
+    }
+    fn as_str(self) -> Option<Cow<'a, str>> {
+        match self {
+            Cell::Value(v) => v.as_str().map(Cow::Borrowed),
+            Cell::Raw(r) => r.as_str(),
+        }
+    }
+    fn to_value(self) -> Cow<'a, Value> {
+        match self {
+            Cell::Value(v) => Cow::Borrowed(v),
+            Cell::Raw(r) => Cow::Owned(r.to_value()),
+        }
+    }
+}
+
 /// A row as named JSON values.
 pub trait JsonRow {
     /// The value of field `name`, the `index`th of the schema (`None`: absent, NULL).
-    fn field(&self, index: usize, name: &str) -> Option<&Value>;
+    fn field(&self, index: usize, name: &str) -> Option<Cell<'_>>;
 }
 
 impl JsonRow for Map<String, Value> {
-    fn field(&self, _: usize, name: &str) -> Option<&Value> {
-        self.get(name)
+    fn field(&self, _: usize, name: &str) -> Option<Cell<'_>> {
+        self.get(name).map(Cell::Value)
     }
 }
 
 /// Values in schema order.
 impl JsonRow for Vec<Value> {
-    fn field(&self, index: usize, _: &str) -> Option<&Value> {
-        self.get(index)
+    fn field(&self, index: usize, _: &str) -> Option<Cell<'_>> {
+        self.get(index).map(Cell::Value)
     }
 }
 
@@ -214,21 +265,21 @@ pub fn record_batch<R: JsonRow>(
 /// One column through Arrow's JSON decoder.
 fn decoded_column<'a>(
     field: &Field,
-    values: impl Iterator<Item = Option<&'a Value>>,
+    values: impl Iterator<Item = Option<Cell<'a>>>,
 ) -> Result<ArrayRef, deltalake::arrow::error::ArrowError> {
     /// A one-field JSON object, without building one.
-    struct Cell<'a>(&'a str, Option<&'a Value>);
-    impl serde::Serialize for Cell<'_> {
+    struct One<'a>(&'a str, Option<Cell<'a>>);
+    impl serde::Serialize for One<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             use serde::ser::SerializeMap as _;
             let mut map = s.serialize_map(Some(1))?;
             if let Some(v) = self.1 {
-                map.serialize_entry(self.0, v)?;
+                map.serialize_entry(self.0, &*v.to_value())?;
             }
             map.end()
         }
     }
-    let cells: Vec<Cell> = values.map(|v| Cell(field.name(), v)).collect();
+    let cells: Vec<One> = values.map(|v| One(field.name(), v)).collect();
     let schema = Arc::new(Schema::new(vec![field.clone()]));
     let mut decoder = ReaderBuilder::new(schema)
         .with_batch_size(cells.len().max(1))
@@ -247,69 +298,60 @@ fn decoded_column<'a>(
 /// form is left to Arrow's JSON decoder.
 fn direct_column<'a>(
     ty: &DataType,
-    values: impl Iterator<Item = Option<&'a Value>>,
+    values: impl Iterator<Item = Option<Cell<'a>>>,
 ) -> Option<ArrayRef> {
     use deltalake::arrow::array::*;
     use deltalake::arrow::datatypes::*;
 
     fn cells<'a, T>(
-        values: impl Iterator<Item = Option<&'a Value>>,
-        mut one: impl FnMut(&'a Value) -> Option<T>,
+        values: impl Iterator<Item = Option<Cell<'a>>>,
+        mut one: impl FnMut(Cell<'a>) -> Option<T>,
     ) -> Option<Vec<Option<T>>> {
         values
             .map(|v| match v {
-                None | Some(Value::Null) => Some(None),
+                None => Some(None),
+                Some(v) if v.is_null() => Some(None),
                 Some(v) => one(v).map(Some),
             })
             .collect()
     }
-    fn int<T: TryFrom<i64>>(v: &Value) -> Option<T> {
+    fn int<T: TryFrom<i64>>(v: Cell) -> Option<T> {
         v.as_i64().and_then(|i| T::try_from(i).ok())
     }
-    fn text(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
-        Some(match v {
-            Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
-            other => std::borrow::Cow::Owned(other.to_string()),
+    fn text(v: Cell<'_>) -> Option<Cow<'_, str>> {
+        Some(match v.as_str() {
+            Some(s) => s,
+            None => Cow::Owned(v.to_value().to_string()),
         })
     }
-    fn float(v: &Value) -> Option<f64> {
-        match v {
-            Value::Number(n) => n.as_f64(),
-            _ => None,
-        }
-    }
-    fn timestamp(v: &Value, unit: TimeUnit) -> Option<i64> {
-        match v {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => {
-                let t = cast_utils::string_to_datetime(&chrono::Utc, s).ok()?;
-                match unit {
-                    TimeUnit::Second => Some(t.timestamp()),
-                    TimeUnit::Millisecond => Some(t.timestamp_millis()),
-                    TimeUnit::Microsecond => Some(t.timestamp_micros()),
-                    TimeUnit::Nanosecond => t.timestamp_nanos_opt(),
-                }
-            }
-            _ => None,
+    fn timestamp(v: Cell, unit: TimeUnit) -> Option<i64> {
+        let Some(s) = v.as_str() else {
+            return v.as_i64();
+        };
+        let t = cast_utils::string_to_datetime(&chrono::Utc, &s).ok()?;
+        match unit {
+            TimeUnit::Second => Some(t.timestamp()),
+            TimeUnit::Millisecond => Some(t.timestamp_millis()),
+            TimeUnit::Microsecond => Some(t.timestamp_micros()),
+            TimeUnit::Nanosecond => t.timestamp_nanos_opt(),
         }
     }
     Some(match ty {
-        DataType::Boolean => Arc::new(BooleanArray::from(cells(values, Value::as_bool)?)),
+        DataType::Boolean => Arc::new(BooleanArray::from(cells(values, Cell::as_bool)?)),
         DataType::Int16 => Arc::new(Int16Array::from(cells(values, int::<i16>)?)),
         DataType::Int32 => Arc::new(Int32Array::from(cells(values, int::<i32>)?)),
         DataType::Int64 => Arc::new(Int64Array::from(cells(values, int::<i64>)?)),
-        DataType::Float64 => Arc::new(Float64Array::from(cells(values, float)?)),
+        DataType::Float64 => Arc::new(Float64Array::from(cells(values, Cell::as_f64)?)),
         DataType::Float32 => Arc::new(Float32Array::from(cells(values, |v| {
-            float(v).map(|f| f as f32)
+            v.as_f64().map(|f| f as f32)
         })?)),
         DataType::Utf8 => Arc::new(StringArray::from_iter(cells(values, text)?)),
         DataType::Date32 => Arc::new(Date32Array::from(cells(values, |v| {
-            <Date32Type as cast_utils::Parser>::parse(v.as_str()?)
+            <Date32Type as cast_utils::Parser>::parse(&v.as_str()?)
         })?)),
         DataType::Decimal128(p, s) => Arc::new(
-            Decimal128Array::from(cells(values, |v| match v {
-                Value::String(t) => cast_utils::parse_decimal::<Decimal128Type>(t, *p, *s).ok(),
-                _ => None,
+            Decimal128Array::from(cells(values, |v| {
+                cast_utils::parse_decimal::<Decimal128Type>(&v.as_str()?, *p, *s).ok()
             })?)
             .with_precision_and_scale(*p, *s)
             .ok()?,
@@ -424,31 +466,56 @@ mod tests {
                 vec![json!("2024-05-01 12:00:00Z"), json!(5)],
             ),
         ];
+        fn of(values: &[Value]) -> Vec<Option<Cell<'_>>> {
+            values.iter().map(|v| Some(Cell::Value(v))).collect()
+        }
+        // The same values as JSON text (as plugin outputs come), spaced as a plugin may.
+        let texts = |values: &[Value]| -> Vec<String> {
+            values
+                .iter()
+                .map(|v| serde_json::to_string_pretty(v).unwrap())
+                .collect()
+        };
+        fn raw(texts: &[String]) -> Vec<Option<Cell<'_>>> {
+            texts
+                .iter()
+                .map(|t| Some(Cell::Raw(RawJson::assume(t))))
+                .collect()
+        }
         for (ty, values) in cases {
             let field = Field::new("c", ty.clone(), true);
-            let cells = || values.iter().map(Some);
-            let direct = direct_column(&ty, cells()).unwrap_or_else(|| panic!("{ty} not direct"));
-            let decoded = decoded_column(&field, cells()).unwrap();
+            let cells = of(&values);
+            let direct = direct_column(&ty, cells.iter().copied())
+                .unwrap_or_else(|| panic!("{ty} not direct"));
+            let decoded = decoded_column(&field, cells.iter().copied()).unwrap();
             assert_eq!(direct.data_type(), decoded.data_type(), "{ty}");
             assert_eq!(&direct, &decoded, "{ty}: {values:?}");
+            let texts = texts(&values);
+            let from_text = direct_column(&ty, raw(&texts).into_iter()).unwrap();
+            assert_eq!(&from_text, &decoded, "{ty} from text: {texts:?}");
         }
         // Forms left to the decoder: its rules (and errors) hold.
         let nan = [json!("NaN")];
-        assert!(direct_column(&DataType::Float64, nan.iter().map(Some)).is_none());
+        assert!(direct_column(&DataType::Float64, of(&nan).into_iter()).is_none());
+        assert!(direct_column(&DataType::Float64, raw(&texts(&nan)).into_iter()).is_none());
         let bad = [json!("twelve")];
-        assert!(direct_column(&DataType::Decimal128(12, 2), bad.iter().map(Some)).is_none());
+        assert!(direct_column(&DataType::Decimal128(12, 2), of(&bad).into_iter()).is_none());
         let field = Field::new("c", DataType::Decimal128(12, 2), true);
-        assert!(decoded_column(&field, bad.iter().map(Some)).is_err());
-        // A string column takes other values as their JSON text.
-        let mixed = [json!({"a": [1]}), json!(3), json!(true)];
-        let text = direct_column(&DataType::Utf8, mixed.iter().map(Some)).unwrap();
-        let text = text
-            .as_any()
-            .downcast_ref::<deltalake::arrow::array::StringArray>()
-            .unwrap();
-        assert_eq!(text.value(0), r#"{"a":[1]}"#);
-        assert_eq!(text.value(1), "3");
-        assert_eq!(text.value(2), "true");
+        assert!(decoded_column(&field, of(&bad).into_iter()).is_err());
+        assert!(decoded_column(&field, raw(&texts(&bad)).into_iter()).is_err());
+        // A string column takes other values as their (compact) JSON text.
+        let mixed = [json!({"a": [1]}), json!(3), json!(true), json!(1.50)];
+        for cells in [of(&mixed), raw(&texts(&mixed))] {
+            let text = direct_column(&DataType::Utf8, cells.into_iter()).unwrap();
+            let text = text
+                .as_any()
+                .downcast_ref::<deltalake::arrow::array::StringArray>()
+                .unwrap();
+            assert_eq!(text.value(0), r#"{"a":[1]}"#);
+            assert_eq!(text.value(1), "3");
+            assert_eq!(text.value(2), "true");
+            assert_eq!(text.value(3), "1.5");
+        }
     }
 
     #[test]
