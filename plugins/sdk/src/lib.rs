@@ -1,6 +1,6 @@
 //! Write a weir plugin as one function per change document.
 //!
-//! ```ignore
+//! ```
 //! use weir_plugin_sdk::{Document, Output, Plugin};
 //!
 //! struct Upper;
