@@ -47,8 +47,7 @@ enum Name {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonObject {
     text: Box<str>,
-    names: Vec<Name>,
-    values: Vec<Span>,
+    members: Vec<(Name, Span)>,
 }
 
 impl JsonObject {
@@ -57,7 +56,7 @@ impl JsonObject {
         use serde::Deserializer as _;
         let text = text.into_boxed_str();
         let mut de = serde_json::Deserializer::from_str(&text);
-        let found = match de.deserialize_map(Members { text: &text }) {
+        let mut members = match de.deserialize_map(Members { text: &text }) {
             Ok(found) => found,
             Err(e) if e.classify() == serde_json::error::Category::Data => {
                 // Another kind of value, unless the text is not JSON at all.
@@ -69,33 +68,28 @@ impl JsonObject {
             Err(e) => return Err(ObjectError::Invalid(e)),
         };
         de.end().map_err(ObjectError::Invalid)?;
-        let mut object = JsonObject {
-            names: Vec::with_capacity(found.len()),
-            values: Vec::with_capacity(found.len()),
-            text: Box::default(),
-        };
-        for (name, value) in found {
-            match object.position(&text, &name) {
-                Some(i) => object.values[i] = value,
-                None => {
-                    object.names.push(name);
-                    object.values.push(value);
+        // A name given twice (rare): its last value in its first place.
+        let mut i = 1;
+        while i < members.len() {
+            let name = name_in(&text, &members[i].0);
+            match members[..i]
+                .iter()
+                .position(|(n, _)| name_in(&text, n) == name)
+            {
+                Some(first) => {
+                    members[first].1 = members[i].1;
+                    members.remove(i);
                 }
+                None => i += 1,
             }
         }
-        object.text = text;
-        Ok(object)
+        Ok(JsonObject { text, members })
     }
 
     /// The object of a map.
     pub fn from_map(map: &Map<String, Value>) -> JsonObject {
         JsonObject::parse(serde_json::to_string(map).expect("a map serializes"))
             .expect("a map is an object")
-    }
-
-    fn position(&self, text: &str, name: &Name) -> Option<usize> {
-        let wanted = name_in(text, name);
-        self.names.iter().position(|n| name_in(text, n) == wanted)
     }
 
     /// The whole text.
@@ -110,21 +104,33 @@ impl JsonObject {
 
     /// Member `name`'s value.
     pub fn get(&self, name: &str) -> Option<RawJson<'_>> {
-        let i = self
-            .names
+        Some(self.raw(self.position(name)?))
+    }
+
+    /// Where member `name` is among the members.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.members
             .iter()
-            .position(|n| name_in(&self.text, n) == name)?;
-        Some(self.raw(i))
+            .position(|(n, _)| name_in(&self.text, n) == name)
+    }
+
+    /// Member `name`'s value, looked for at `place` first (where another object of the
+    /// same shape has it).
+    pub fn get_near(&self, name: &str, place: usize) -> Option<RawJson<'_>> {
+        match self.members.get(place) {
+            Some((n, _)) if name_in(&self.text, n) == name => Some(self.raw(place)),
+            _ => self.get(name),
+        }
     }
 
     fn raw(&self, i: usize) -> RawJson<'_> {
-        let s = self.values[i];
+        let s = self.members[i].1;
         RawJson(&self.text[s.start..s.end])
     }
 
     /// The members, in order.
     pub fn members(&self) -> impl Iterator<Item = (&str, RawJson<'_>)> {
-        (0..self.names.len()).map(|i| (name_in(&self.text, &self.names[i]), self.raw(i)))
+        (0..self.members.len()).map(|i| (name_in(&self.text, &self.members[i].0), self.raw(i)))
     }
 
     /// The object as a value.

@@ -87,26 +87,33 @@ struct Cells<'a> {
     key: Value,
     lsn: Value,
     ts: Value,
+    /// Per column of the table, where the first row of the batch has it: documents of a
+    /// collection mostly share their shape, so that is looked at first.
+    places: &'a [usize],
 }
 
 impl<'a> Cells<'a> {
-    fn of(row: &'a OutputRow) -> Cells<'a> {
+    fn of(row: &'a OutputRow, places: &'a [usize]) -> Cells<'a> {
         Cells {
             row,
             key: Value::String(row.key.clone()),
             lsn: Value::from(row.lsn.0 as i64),
             ts: Value::from(row.ts_ms * 1000),
+            places,
         }
     }
 }
 
 impl JsonRow for Cells<'_> {
-    fn field(&self, _: usize, name: &str) -> Option<Cell<'_>> {
+    fn field(&self, index: usize, name: &str) -> Option<Cell<'_>> {
         match name {
             KEY => Some(Cell::Value(&self.key)),
             LSN => Some(Cell::Value(&self.lsn)),
             COMMIT_TS => Some(Cell::Value(&self.ts)),
-            _ => self.row.document.get(name).map(Cell::Raw),
+            _ => {
+                let place = self.places.get(index).copied().unwrap_or(usize::MAX);
+                self.row.document.get_near(name, place).map(Cell::Raw)
+            }
         }
     }
 }
@@ -191,9 +198,18 @@ pub async fn write_collection(
         table.known_keys = Some(table.key_hashes(KEY).await?);
     }
     let known = table.known_keys.as_ref().expect("loaded above");
+    let places: Vec<usize> = target
+        .fields()
+        .iter()
+        .map(|f| {
+            rows.first()
+                .and_then(|r| r.document.position(f.name()))
+                .unwrap_or(usize::MAX)
+        })
+        .collect();
     let (fresh, existing): (Vec<Cells>, Vec<Cells>) = chosen
         .into_iter()
-        .map(|i| Cells::of(&rows[i]))
+        .map(|i| Cells::of(&rows[i], &places))
         .partition(|c| !known.may_contain(key_id(&c.row.key)));
     let fresh_keys: Vec<_> = fresh.iter().map(|c| key_id(&c.row.key)).collect();
     let batch = |rows: &[Cells]| {
