@@ -1127,12 +1127,13 @@ fn fraud_rule() -> PathBuf {
     PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")
 }
 
-/// The fraud rule as a configured plugin.
+/// The fraud rule as a configured plugin, emitting every scored transaction (the most
+/// rows to compare).
 fn fraud_rule_plugin() -> weir::config::PluginConfig {
     weir::config::PluginConfig {
         path: fraud_rule(),
         name: None,
-        config: Default::default(),
+        config: toml::toml! { emit = "all" },
         limits: Default::default(),
     }
 }
@@ -1153,7 +1154,8 @@ fn add_fraud_rule_with(config: &Path, settings: &str) {
 }
 
 /// The reference for a test that interrupts a pipeline: the bank tables through the fraud
-/// rule into `<dir>/ref-lake`, on its own slot, run (and later caught up) uninterrupted.
+/// rule (every transaction scored) into `<dir>/ref-lake`, on its own slot, run (and later
+/// caught up) uninterrupted.
 async fn fraud_rule_reference(db: &TestDb, dir: &Path) -> (PathBuf, Config) {
     let ref_lake = dir.join("ref-lake");
     let mut reference = config(db, &["public.users", "public.transactions"], &ref_lake);
@@ -1180,7 +1182,8 @@ async fn fraud_alerts_are_written_once_across_kills() {
     let (ref_lake, reference) = fraud_rule_reference(&db, dir.path()).await;
     // The one that gets killed takes the old amounts of updates and deletes from their
     // before-images (datagen's `transactions` has REPLICA IDENTITY FULL) where the
-    // reference keeps them per transaction in its state: the alerts must not differ.
+    // reference keeps them per transaction in its state, and emits only anomalies (the
+    // default) where the reference scores every transaction: the alerts must not differ.
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
     add_fraud_rule_with(&config, "before_images = true");
@@ -1218,8 +1221,21 @@ async fn fraud_alerts_are_written_once_across_kills() {
         expected.iter().any(|r| r[1] == "true"),
         "some anomalies flagged"
     );
+    let anomalies = |rows: Vec<Vec<String>>| -> Vec<Vec<String>> {
+        rows.into_iter().filter(|r| r[1] == "true").collect()
+    };
     let got = alerts(&lake).await;
-    assert_same_rows(&expected, &got, "fraud_alerts after kills vs uninterrupted");
+    assert_same_rows(
+        &anomalies(expected),
+        &anomalies(got.clone()),
+        "fraud_alerts after kills vs uninterrupted",
+    );
+    // The rest are withdrawn alerts, never normal transactions.
+    assert!(
+        got.iter().all(|r| r[1] == "true" || r[1] == "NULL"),
+        "{:?}",
+        got.iter().find(|r| r[1] != "true")
+    );
     // Updates and deletes were scored; only the reference keeps per-transaction state.
     let ops = lake_rows(
         &lake,
@@ -1259,7 +1275,7 @@ async fn a_transaction_larger_than_a_batch_is_written_in_parts_and_lands_once() 
         "change_log = true\npart_rows = 500\n",
     );
     std::fs::write(&config, text).unwrap();
-    add_fraud_rule(&config);
+    add_fraud_rule_with(&config, "emit = \"all\"");
     weir_run_until_now(&db, &config);
 
     // Both pipelines stream some history, then the large transaction.
@@ -1465,7 +1481,7 @@ async fn a_lake_on_s3_is_exactly_once_across_kills() {
     std::fs::write(
         &config,
         format!(
-            "{source}{}\n[[plugins]]\npath = \"{}\"\n",
+            "{source}{}\n[[plugins]]\npath = \"{}\"\n[plugins.config]\nemit = \"all\"\n",
             s3_lake_toml(&lake_cfg),
             fraud_rule().display()
         ),
@@ -1706,6 +1722,13 @@ async fn the_fraud_rule_flags_the_injected_anomalies_while_the_pipeline_runs() {
         *count += 1;
         *sum += amount;
     }
+    // Only alerts land in the table (the rule's default).
+    let rows = lake_rows(&lake, "SELECT count(*) FROM fraud_alerts").await;
+    assert_eq!(
+        rows[0][0],
+        flagged.len().to_string(),
+        "fraud_alerts holds only anomalies"
+    );
     let hits = flagged.intersection(&truth).count();
     let precision = hits as f64 / flagged.len().max(1) as f64;
     let recall = hits as f64 / truth.len().max(1) as f64;

@@ -37,7 +37,8 @@ fn ok(o: &Outcome) -> &Vec<weir::plugin::Emitted> {
 
 #[test]
 fn fraud_rule_flags_amounts_over_three_times_the_average() {
-    let plugin = load("fraud_rule", json!({}), Limits::default());
+    // Every scored transaction is emitted, normal ones too.
+    let plugin = load("fraud_rule", json!({"emit": "all"}), Limits::default());
     let mut inst = plugin.instantiate(PluginState::default()).unwrap();
     let docs = vec![
         tx("r", 1, 7, "10.00", "0/10"),
@@ -94,6 +95,102 @@ fn fraud_rule_flags_amounts_over_three_times_the_average() {
     assert!(f.error.contains("amount"), "{f:?}");
 }
 
+#[test]
+fn fraud_rule_by_default_emits_anomalies_and_withdraws_alerts_that_no_longer_hold() {
+    let plugin = load("fraud_rule", json!({}), Limits::default());
+    let mut inst = plugin.instantiate(PluginState::default()).unwrap();
+    let docs = [
+        tx("r", 1, 7, "10.00", "0/10"),
+        tx("c", 2, 7, "20.00", "0/20"),
+        tx("c", 3, 7, "90.01", "0/30"), // avg 15 -> anomaly
+        tx("c", 4, 7, "50.00", "0/40"), // avg 40 -> normal
+        tx("c", 5, 7, "200.00", "0/50"), // avg 42.5 -> anomaly
+        tx("u", 3, 7, "20.00", "0/60"), // no longer an anomaly: its alert is withdrawn
+        tx("u", 4, 7, "51.00", "0/70"), // normal, had no alert: nothing
+        tx("u", 2, 7, "500.00", "0/80"), // becomes an anomaly
+        // Deleted: tx 5 had an alert (withdrawn), tx 1 none (nothing).
+        json!({"transaction_id": 5, "_meta": {"op": "d", "source": {"table": "transactions", "lsn": "0/90"}}}).to_string(),
+        json!({"transaction_id": 1, "_meta": {"op": "d", "source": {"table": "transactions", "lsn": "0/A0"}}}).to_string(),
+    ];
+    let out = inst.process(&docs);
+    let emitted: Vec<(usize, String, Value)> = out
+        .iter()
+        .enumerate()
+        .flat_map(|(i, o)| {
+            ok(o)
+                .iter()
+                .map(move |e| (i, e.key.clone(), e.document.to_value()))
+        })
+        .collect();
+    let summary: Vec<(usize, &str, Option<bool>)> = emitted
+        .iter()
+        .map(|(i, k, d)| (*i, k.as_str(), d["is_anomaly"].as_bool()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (2, "3", Some(true)),
+            (4, "5", Some(true)),
+            (5, "3", None),
+            (7, "2", Some(true)),
+            (8, "5", None),
+        ]
+    );
+    assert_eq!(
+        emitted[2].2,
+        json!({"transaction_id": 3, "_deleted": true, "lsn": "0/60"})
+    );
+    assert_eq!(
+        emitted[4].2,
+        json!({"transaction_id": 5, "_deleted": true, "lsn": "0/90"})
+    );
+    assert_eq!(emitted[0].2["user_avg"], json!(15.0));
+    // The state remembers the live alerts only (tx 2), besides users and transactions.
+    let alerts: Vec<String> = inst
+        .take_state_changes()
+        .into_iter()
+        .filter(|(k, v)| k.starts_with("alert:") && v.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(alerts, ["alert:2"]);
+    // The same alerts as `emit = "all"` flags.
+    let all = load("fraud_rule", json!({"emit": "all"}), Limits::default());
+    let mut all = all.instantiate(PluginState::default()).unwrap();
+    let flagged: Vec<(usize, String)> = all
+        .process(&docs)
+        .iter()
+        .enumerate()
+        .flat_map(|(i, o)| {
+            ok(o)
+                .iter()
+                .filter(|e| e.document.to_value()["is_anomaly"] == json!(true))
+                .map(move |e| (i, e.key.clone()))
+        })
+        .collect();
+    assert_eq!(
+        flagged,
+        emitted
+            .iter()
+            .filter(|e| e.2["is_anomaly"] == json!(true))
+            .map(|(i, k, _)| (*i, k.clone()))
+            .collect::<Vec<_>>()
+    );
+    let bad = LoadedPlugin::load(
+        "fraud_rule",
+        &wasm("fraud_rule"),
+        &json!({"emit": "some"}),
+        Limits::default(),
+        None,
+    )
+    .map(Arc::new)
+    .unwrap()
+    .instantiate(PluginState::default())
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(bad.contains("emit") || bad.contains("some"), "{bad}");
+}
+
 /// A change of transaction `id` with the old row as its before-image (REPLICA IDENTITY
 /// FULL).
 fn tx_with_before(
@@ -135,8 +232,8 @@ fn fraud_rule_with_before_images_keeps_only_the_users_in_its_state() {
         keys.sort();
         (out, keys)
     };
-    let (with_state, state_keys) = run(json!({}));
-    let (with_before, before_keys) = run(json!({"before_images": true}));
+    let (with_state, state_keys) = run(json!({"emit": "all"}));
+    let (with_before, before_keys) = run(json!({"before_images": true, "emit": "all"}));
     assert_eq!(with_before, with_state);
     // (after the update and the delete: 10, 20, 50 -> avg 26.67; 100 > 80)
     assert_eq!(with_before[6]["user_avg"], json!(26.67));
@@ -188,7 +285,7 @@ fn fraud_rule_config_is_checked_and_used() {
     );
     let plugin = load(
         "fraud_rule",
-        json!({"multiplier": 1.5, "min_history": 2}),
+        json!({"multiplier": 1.5, "min_history": 2, "emit": "all"}),
         Limits::default(),
     );
     let mut inst = plugin.instantiate(PluginState::default()).unwrap();
@@ -394,8 +491,9 @@ fn weir_plugin_test_prints_outputs_and_checks_expectations() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
-    assert_eq!(lines[1]["document"]["is_anomaly"], json!(true));
+    // The first has no history: no alert. The second is over 3x the first.
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["document"]["is_anomaly"], json!(true));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
         stderr.contains("changes.jsonl:3: not valid JSON"),
@@ -437,7 +535,7 @@ fn weir_plugin_test_prints_outputs_and_checks_expectations() {
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
-        stderr.contains("output 2") && stderr.contains("FAILED"),
+        stderr.contains("output 1") && stderr.contains("FAILED"),
         "{stderr}"
     );
 }
@@ -446,7 +544,7 @@ fn weir_plugin_test_prints_outputs_and_checks_expectations() {
 fn plugins_chain_in_order_and_failures_carry_plugin_error_and_lsn() {
     use weir::plugin::Chain;
     let mask = load("mask_email", json!({}), Limits::default());
-    let fraud = load("fraud_rule", json!({}), Limits::default());
+    let fraud = load("fraud_rule", json!({"emit": "all"}), Limits::default());
     let trap = load("misbehave", json!({"mode": "trap"}), limits());
     let mut chain = Chain::new(vec![
         mask.instantiate(PluginState::default()).unwrap(),
@@ -524,6 +622,19 @@ fn fraud_rule_matches_its_hand_checked_fixture() {
         .arg(fixtures.join("changes.jsonl"))
         .arg("--expect")
         .arg(fixtures.join("expected.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ok: 4 outputs as expected"), "{stderr}");
+    let out = weir()
+        .args(["plugin", "test"])
+        .arg(wasm("fraud_rule"))
+        .arg("--input")
+        .arg(fixtures.join("changes.jsonl"))
+        .args(["--config", r#"{"emit": "all"}"#])
+        .arg("--expect")
+        .arg(fixtures.join("expected-all.jsonl"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

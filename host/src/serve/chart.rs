@@ -16,7 +16,8 @@ pub struct Point {
     pub ts_ms: i64,
     /// Its amount.
     pub amount: f64,
-    /// The user's average when the rule scored it, if it did.
+    /// The user's average when the rule scored it, if it emitted the transaction (by
+    /// default only anomalies).
     pub user_avg: Option<f64>,
     /// Whether the rule flagged it.
     pub flagged: bool,
@@ -214,7 +215,7 @@ pub fn render(title: &str, points: &[Point]) -> String {
     for p in ordered {
         let avg = match p.user_avg {
             Some(a) => format!("user average then: {}", money(a)),
-            None => "not scored by the fraud rule".into(),
+            None => "no alert from the fraud rule".into(),
         };
         let hover = format!(
             "Transaction {}{}\namount: {}\n{avg}\n{}",

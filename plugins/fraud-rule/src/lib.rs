@@ -2,21 +2,26 @@
 //! its amount is more than `multiplier` times the user's average over their earlier
 //! transactions.
 //!
-//! Every scored transaction is emitted to `fraud_alerts` (keyed by transaction id) with
-//! `is_anomaly` true or false, so that the dashboard can plot normal and anomalous points
-//! alike. Inserts and backfill reads are scored; an update re-scores the transaction and
-//! moves its amount in the user's statistics; a delete removes it from them and emits a
-//! `_deleted` marker for its alert.
+//! By default (`emit = "anomalies"`) only anomalies go to `fraud_alerts` (keyed by
+//! transaction id, `is_anomaly` true): an alert table, a few rows per hundred
+//! transactions. An update re-scores its transaction: one that becomes an anomaly gets an
+//! alert, and an alerted one that no longer is one (or is deleted) gets its alert
+//! withdrawn with a `_deleted` marker (`{"transaction_id", "_deleted": true, "lsn"}`).
+//! With `emit = "all"` every scored transaction is emitted, `is_anomaly` true or false
+//! (a scored copy of the table), and every delete emits the marker.
 //!
-//! State: per user `user:<id>` = count and sum of their transactions; per transaction
-//! `tx:<id>` = its user and amount (so updates and deletes can be applied without a
-//! before-image), unless `before_images` is set: the table then has `REPLICA IDENTITY
-//! FULL`, every update and delete carries the old row, and the state holds only the
-//! users (its size follows the users, not the transactions).
+//! State: per user `user:<id>` = count and sum of their transactions; per alerted
+//! transaction `alert:<id>` (only with `emit = "anomalies"`, so that an update or delete
+//! knows there is an alert to withdraw); per transaction `tx:<id>` = its user and amount
+//! (so updates and deletes can be applied without a before-image), unless `before_images`
+//! is set: the table then has `REPLICA IDENTITY FULL`, every update and delete carries
+//! the old row, and the state holds only the users and alerts (its size follows them,
+//! not the transactions).
 //!
 //! Config (all optional): `{"multiplier": 3.0, "min_history": 1, "table": "transactions",
-//! "collection": "fraud_alerts", "before_images": false}`. With fewer than `min_history`
-//! earlier transactions a transaction is scored but never an anomaly.
+//! "collection": "fraud_alerts", "emit": "anomalies", "before_images": false}`. With
+//! fewer than `min_history` earlier transactions a transaction is scored but never an
+//! anomaly.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -40,6 +45,20 @@ struct Config {
     /// and keep no per-transaction state.
     #[serde(default)]
     before_images: bool,
+    /// Which scored transactions are emitted.
+    #[serde(default)]
+    emit: Emit,
+}
+
+/// Which scored transactions the rule emits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Emit {
+    /// Anomalies only (and withdrawals of alerts that no longer hold).
+    #[default]
+    Anomalies,
+    /// Every scored transaction, `is_anomaly` true or false.
+    All,
 }
 
 fn default_multiplier() -> f64 {
@@ -80,6 +99,10 @@ fn tx_key(tx: i64) -> String {
     format!("tx:{tx}")
 }
 
+fn alert_key(tx: i64) -> String {
+    format!("alert:{tx}")
+}
+
 fn adjust(user: i64, count: i64, amount: f64) {
     let key = user_key(user);
     let mut stats: UserStats = state::get_json(&key).unwrap_or_default();
@@ -98,13 +121,31 @@ fn cents(v: f64) -> f64 {
 }
 
 impl FraudRule {
-    /// Scores a transaction against the user's earlier ones, then counts it in.
-    fn record(&self, doc: &Document, tx: i64) -> Result<Output, String> {
+    /// Scores a transaction against the user's earlier ones, then counts it in. Returns
+    /// what to emit for it: its alert, or (with `emit = "anomalies"`) nothing for a normal
+    /// transaction, or the withdrawal of the alert it had.
+    fn record(&self, doc: &Document, tx: i64) -> Result<Option<Output>, String> {
         let user = field(doc, "user_id")? as i64;
         let amount = field(doc, "amount")?;
         let key = user_key(user);
         let mut stats: UserStats = state::get_json(&key).unwrap_or_default();
-        let out = self.score(doc, tx, user, amount, &stats)?;
+        let avg = if stats.count > 0 {
+            stats.sum / stats.count as f64
+        } else {
+            0.0
+        };
+        let is_anomaly =
+            stats.count >= self.config.min_history && amount > self.config.multiplier * avg;
+        let out = if is_anomaly || self.config.emit == Emit::All {
+            Some(self.alert(doc, tx, user, amount, avg, stats.count, is_anomaly)?)
+        } else if doc.op() == Some(Op::Update) && state::get(&alert_key(tx)).is_some() {
+            Some(self.withdraw(doc, tx))
+        } else {
+            None
+        };
+        if is_anomaly && self.config.emit == Emit::Anomalies {
+            state::set(&alert_key(tx), b"1");
+        }
         stats.count += 1;
         stats.sum += amount;
         state::set_json(&key, &stats);
@@ -118,6 +159,18 @@ impl FraudRule {
             );
         }
         Ok(out)
+    }
+
+    /// The marker that replaces a transaction's alert: deleted, or no longer an anomaly.
+    fn withdraw(&self, doc: &Document, tx: i64) -> Output {
+        if self.config.emit == Emit::Anomalies {
+            state::delete(&alert_key(tx));
+        }
+        Output::new(
+            &self.config.collection,
+            tx.to_string(),
+            json!({ "transaction_id": tx, "_deleted": true, "lsn": doc.lsn() }),
+        )
     }
 
     /// The version an update or delete replaces: our own record, else the old row that
@@ -153,28 +206,25 @@ impl FraudRule {
         Ok(from_before)
     }
 
-    fn score(
+    /// The alert of a scored transaction (`history` earlier ones, averaging `avg`).
+    #[allow(clippy::too_many_arguments)]
+    fn alert(
         &self,
         doc: &Document,
         tx: i64,
         user: i64,
         amount: f64,
-        stats: &UserStats,
+        avg: f64,
+        history: u64,
+        is_anomaly: bool,
     ) -> Result<Output, String> {
-        let avg = if stats.count > 0 {
-            stats.sum / stats.count as f64
-        } else {
-            0.0
-        };
-        let is_anomaly =
-            stats.count >= self.config.min_history && amount > self.config.multiplier * avg;
         Output::serialize(
             &self.config.collection,
             tx.to_string(),
             &Alert {
                 amount: doc.get("amount"),
                 amount_diff: cents(amount - avg),
-                history: stats.count,
+                history,
                 is_anomaly,
                 lsn: doc.lsn(),
                 multiplier: self.config.multiplier,
@@ -230,12 +280,12 @@ impl Plugin for FraudRule {
             .get_i64("transaction_id")
             .ok_or("transaction has no `transaction_id`")?;
         match doc.op() {
-            Some(Op::Insert | Op::Read) => Ok(vec![self.record(doc, tx)?]),
+            Some(Op::Insert | Op::Read) => Ok(self.record(doc, tx)?.into_iter().collect()),
             Some(Op::Update) => {
                 if let Some(old) = self.old(doc, tx)? {
                     adjust(old.user_id, -1, -old.amount);
                 }
-                Ok(vec![self.record(doc, tx)?])
+                Ok(self.record(doc, tx)?.into_iter().collect())
             }
             Some(Op::Delete) => {
                 if let Some(old) = self.old(doc, tx)? {
@@ -244,11 +294,15 @@ impl Plugin for FraudRule {
                         state::delete(&tx_key(tx));
                     }
                 }
-                Ok(vec![Output::new(
-                    &self.config.collection,
-                    tx.to_string(),
-                    json!({ "transaction_id": tx, "_deleted": true, "lsn": doc.lsn() }),
-                )])
+                let alerted = match self.config.emit {
+                    Emit::All => true,
+                    Emit::Anomalies => state::get(&alert_key(tx)).is_some(),
+                };
+                Ok(if alerted {
+                    vec![self.withdraw(doc, tx)]
+                } else {
+                    Vec::new()
+                })
             }
             Some(Op::Truncate) => {
                 Err("fraud-rule cannot forget a truncated table's history yet".into())
