@@ -603,7 +603,7 @@ mod tests {
         assert_eq!(config.plugins[0].limits.memory_mb, 64);
         assert_eq!(
             serde_json::to_value(&config.plugins[0].config).unwrap(),
-            serde_json::json!({"multiplier": 3.0})
+            serde_json::json!({"multiplier": 3.0, "emit": "anomalies"})
         );
         let dash = config.dashboard.unwrap();
         assert_eq!(dash.listen, DEFAULT_DASHBOARD_LISTEN);
