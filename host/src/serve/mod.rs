@@ -237,7 +237,7 @@ struct FraudTables<'a> {
     tx: &'a str,
     /// `NOT deleted` for soft-deleted replicas, else `TRUE`.
     tx_live: &'static str,
-    /// The alerts table, when it exists and has scored transactions.
+    /// The alerts table, when it exists (the fraud rule creates it with its first alert).
     alerts: Option<&'a str>,
     users: Option<&'a str>,
 }

@@ -79,7 +79,7 @@ async function loadChart() {
     box.dataset.anomalies = c.anomalies.join(",");
     const who = c.name ? `${esc(c.name)} (user ${c.user_id})` : `User ${c.user_id}`;
     $("user-summary").innerHTML = `<b>${who}</b> · ${count(c.transactions)} transactions${c.truncated ? " (latest shown)" : ""} · average <b>${money(c.average)}</b> · <span class="red"><b>${c.anomalies.length}</b> flagged</span>`;
-    notice($("notice"), c.scored ? "" : "The fraud rule has written no alerts yet: no transaction is scored.");
+    notice($("notice"), c.scored ? "" : "The fraud rule has written no alerts yet (its table appears with the first anomaly).");
     document.body.dataset.chart = "ready";
   } catch (e) {
     box.innerHTML = "";
