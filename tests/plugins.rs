@@ -31,6 +31,17 @@ fn doc_with(id: i64, poison: bool) -> String {
         .to_string()
 }
 
+/// The error instantiating plugin `name` with `config` gives (its `init` refusing it).
+fn init_error(name: &str, config: Value) -> String {
+    LoadedPlugin::load(name, &wasm(name), &config, Limits::default(), None)
+        .map(Arc::new)
+        .unwrap()
+        .instantiate(PluginState::default())
+        .err()
+        .unwrap()
+        .to_string()
+}
+
 fn ok(o: &Outcome) -> &Vec<weir::plugin::Emitted> {
     o.as_ref().unwrap_or_else(|f| panic!("failed: {f:?}"))
 }
@@ -175,19 +186,7 @@ fn fraud_rule_by_default_emits_anomalies_and_withdraws_alerts_that_no_longer_hol
             .map(|(i, k, _)| (*i, k.clone()))
             .collect::<Vec<_>>()
     );
-    let bad = LoadedPlugin::load(
-        "fraud_rule",
-        &wasm("fraud_rule"),
-        &json!({"emit": "some"}),
-        Limits::default(),
-        None,
-    )
-    .map(Arc::new)
-    .unwrap()
-    .instantiate(PluginState::default())
-    .err()
-    .unwrap()
-    .to_string();
+    let bad = init_error("fraud_rule", json!({"emit": "some"}));
     assert!(bad.contains("emit") || bad.contains("some"), "{bad}");
 }
 
@@ -266,19 +265,7 @@ fn fraud_rule_with_before_images_keeps_only_the_users_in_its_state() {
 
 #[test]
 fn fraud_rule_config_is_checked_and_used() {
-    let err = LoadedPlugin::load(
-        "fraud_rule",
-        &wasm("fraud_rule"),
-        &json!({"multipler": 2}),
-        Limits::default(),
-        None,
-    )
-    .map(Arc::new)
-    .unwrap()
-    .instantiate(PluginState::default())
-    .err()
-    .unwrap()
-    .to_string();
+    let err = init_error("fraud_rule", json!({"multipler": 2}));
     assert!(
         err.contains("multipler") && err.contains("fraud_rule"),
         "{err}"
