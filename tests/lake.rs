@@ -890,7 +890,7 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
     )
     .await
     .unwrap();
-    let loaded = load_state(&open(PLUGIN_STATE).await).await.unwrap();
+    let loaded = load_state(&mut open(PLUGIN_STATE).await).await.unwrap();
     assert_eq!(loaded["fraud_rule"].len(), 1);
     assert_eq!(loaded["fraud_rule"]["u:7"], vec![3u8]);
     assert_eq!(loaded["other"]["k"], b"v".to_vec());
@@ -928,6 +928,97 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
             r#"{"transaction_id":9,"poison":true}"#,
             "300"
         ]]
+    );
+}
+
+/// Appends are committed by weir itself (no log replay after each): the log it writes is
+/// a Delta log others read (checkpoints at the table's interval, file statistics, the
+/// pipeline's position), and the handle reads its own appends back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_appends_write_a_complete_log_with_checkpoints_and_statistics() {
+    use deltalake::arrow::datatypes::{DataType, Field};
+    use weir::sink::delta::collection::load_state;
+    use weir::sink::delta::schema::record_batch;
+    use weir::sink::delta::table::LakeTable;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(&dir.path().join("lake").display().to_string(), true).unwrap();
+    let open = || {
+        let lake = lake.clone();
+        async move {
+            LakeTable::open("t", lake.table_url("t"), lake.storage.clone(), "p", 5)
+                .await
+                .unwrap()
+        }
+    };
+    let fields = [
+        Field::new("plugin", DataType::Utf8, true),
+        Field::new("key", DataType::Utf8, true),
+        Field::new("v", DataType::Int64, true),
+    ];
+    let mut t = open().await;
+    t.ensure_fields(&fields).await.unwrap();
+    for i in 0..12i64 {
+        // The batch lacks the nullable column `plugin`: written as nulls.
+        let schema = std::sync::Arc::new(deltalake::arrow::datatypes::Schema::new(
+            fields[1..].to_vec(),
+        ));
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> = (0..3)
+            .map(|j| {
+                serde_json::json!({"key": format!("k{i}-{j}"), "v": i * 10 + j})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        t.append(
+            record_batch(schema, &rows).unwrap(),
+            Some(Lsn(100 + i as u64)),
+        )
+        .await
+        .unwrap();
+    }
+    // Version 0 created the table; 1..=12 are the appends.
+    assert_eq!(t.delta_version(), Some(12));
+    // The same handle reads its appends back (its state refreshed first).
+    assert_eq!(t.rows(Some("v >= 100")).await.unwrap().len(), 6);
+    assert_eq!(t.delta_version(), Some(12));
+
+    let log = dir.path().join("lake/t/_delta_log");
+    for v in [4, 9] {
+        let cp = log.join(format!("{v:020}.checkpoint.parquet"));
+        assert!(cp.is_file(), "no checkpoint {}", cp.display());
+    }
+    let last: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(log.join("_last_checkpoint")).unwrap()).unwrap();
+    assert_eq!(last["version"], 9);
+    let commit = std::fs::read_to_string(log.join(format!("{:020}.json", 12))).unwrap();
+    let actions: Vec<serde_json::Value> = commit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(actions[0]["commitInfo"]["operation"], "WRITE");
+    assert_eq!(actions.iter().filter(|a| a.get("add").is_some()).count(), 1);
+    let add = actions.iter().find_map(|a| a.get("add")).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+    assert_eq!(stats["numRecords"], 3);
+    assert_eq!(stats["minValues"]["v"], 110);
+    assert_eq!(stats["maxValues"]["v"], 112);
+    assert_eq!(stats["nullCount"]["plugin"], 3);
+    let txn = actions.iter().find_map(|a| a.get("txn")).unwrap();
+    assert_eq!(txn["appId"], "weir:p:t");
+    assert_eq!(txn["version"], 111);
+
+    // Another reader (from the checkpoint and the commits after it) sees everything.
+    let mut again = open().await;
+    assert_eq!(again.version, Some(Lsn(111)));
+    assert_eq!(again.delta_version(), Some(12));
+    assert_eq!(
+        lake_rows(&lake, "SELECT count(*), count(plugin), sum(v) FROM t").await,
+        vec![vec!["36".to_string(), "0".to_string(), "2016".to_string()]]
+    );
+    assert!(
+        load_state(&mut again).await.unwrap().is_empty(),
+        "no plugin named"
     );
 }
 

@@ -319,7 +319,7 @@ pub async fn write_state(
 /// Reads every plugin's state back: plugin → key → value (the latest recorded per key;
 /// rows of the earlier merge-by-key layout, with no position, count as oldest).
 pub async fn load_state(
-    table: &LakeTable,
+    table: &mut LakeTable,
 ) -> Result<std::collections::HashMap<String, std::collections::HashMap<String, Vec<u8>>>, DeltaError>
 {
     use base64::Engine as _;

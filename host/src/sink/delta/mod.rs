@@ -839,8 +839,9 @@ async fn split_new_keys(
 > {
     use deltalake::arrow::array::{Array, BooleanArray, StringArray, new_null_array};
     use deltalake::arrow::compute::{cast, filter, filter_record_batch};
+    let name = lt.name.clone();
     let arrow = |source| DeltaError::Arrow {
-        table: lt.name.clone(),
+        table: name.clone(),
         source,
     };
     if lt.known_keys.is_none() {

@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
-use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{StructField, Transaction};
+use deltalake::kernel::transaction::{CommitData, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, StructField, Transaction};
+use deltalake::logstore::CommitOrBytes;
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
 use serde_json::{Map, Value};
@@ -37,6 +39,12 @@ pub struct LakeTable {
     pub version: Option<Lsn>,
     checkpoint_interval: u64,
     commits_since_open: u64,
+    /// The log's latest version as this handle knows it, its own quick commits included:
+    /// `table`'s snapshot lags behind after those (see [`LakeTable::quick_commit`]) and is
+    /// brought up to date before anything reads it ([`LakeTable::fresh`]).
+    head: Option<u64>,
+    /// Whether the loaded table allows quick commits, and its checkpoint interval.
+    quick: Option<u64>,
     /// For replicas and keyed collections: every key in the table ([`KeySet`]), so that rows with new
     /// keys are appended instead of merged (see `collection::write_collection`).
     pub known_keys: Option<KeySet>,
@@ -228,6 +236,8 @@ impl LakeTable {
             version: None,
             checkpoint_interval,
             commits_since_open: 0,
+            head: None,
+            quick: None,
             known_keys: None,
         };
         t.reload().await?;
@@ -248,6 +258,7 @@ impl LakeTable {
             .is_some_and(|d| !d.join("_delta_log").is_dir())
         {
             self.table = None;
+            self.head = None;
             return Ok(());
         }
         let mut table = self.unloaded("opening")?;
@@ -260,12 +271,42 @@ impl LakeTable {
                     .await
                     .map_err(|e| self.err("reading the application transaction of", e))?;
                 self.version = version.map(|v| Lsn(v as u64));
-                self.table = Some(table);
+                self.loaded(table);
             }
             Err(DeltaTableError::NotATable(_)) => self.table = None,
             Err(e) => return Err(self.err("opening", e)),
         }
         self.commits_since_open = 0;
+        Ok(())
+    }
+
+    /// Takes `table` (just loaded or just written by deltalake) as the current state.
+    fn loaded(&mut self, table: DeltaTable) {
+        self.head = table.version().map(|v| v as u64);
+        self.quick = quick_commits(&table);
+        self.table = Some(table);
+    }
+
+    /// Brings the table's snapshot up to the log's head after quick commits, before
+    /// anything reads it or builds on it.
+    async fn fresh(&mut self) -> Result<(), DeltaError> {
+        match self.table.as_ref() {
+            Some(table) if table.version().map(|v| v as u64) != self.head => self.update().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the log's commits since the table's snapshot.
+    async fn update(&mut self) -> Result<(), DeltaError> {
+        let Some(table) = self.table.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = table.update_state().await {
+            return Err(self.err("reading", e));
+        }
+        let table = self.table.take().expect("checked above");
+        self.loaded(table);
+        self.commits_since_open += 1;
         Ok(())
     }
 
@@ -328,12 +369,13 @@ impl LakeTable {
             .map(|f| f.try_into_kernel())
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("converting the schema of", e.into()))?;
+        self.fresh().await?;
         let table = self.table.take().expect("checked above");
         let names: Vec<String> = missing.iter().map(|f| f.name().clone()).collect();
         match table.add_columns().with_fields(kernel).await {
             Ok(table) => {
                 tracing::info!(table = %self.name, columns = ?names, "added columns");
-                self.table = Some(table);
+                self.loaded(table);
                 Ok(())
             }
             Err(e) => {
@@ -372,7 +414,7 @@ impl LakeTable {
         match table {
             Ok(table) => {
                 tracing::info!(table = %self.name, url = %self.url, "created Delta table");
-                self.table = Some(table);
+                self.loaded(table);
                 Ok(())
             }
             // Someone created it meanwhile: use theirs (after checking its schema).
@@ -399,7 +441,9 @@ impl LakeTable {
         }
     }
 
-    fn take(&mut self) -> Result<DeltaTable, DeltaError> {
+    /// The table, up to date, for an operation that consumes it.
+    async fn take(&mut self) -> Result<DeltaTable, DeltaError> {
+        self.fresh().await?;
         self.table.take().ok_or_else(|| DeltaError::Missing {
             table: self.name.clone(),
         })
@@ -414,7 +458,7 @@ impl LakeTable {
         position: Option<Lsn>,
     ) -> Result<(), DeltaError> {
         let committed = table.version() != before;
-        self.table = Some(table);
+        self.loaded(table);
         if let Some(p) = position {
             if !committed {
                 self.commit_position(p).await?;
@@ -430,31 +474,20 @@ impl LakeTable {
 
     /// Records `position` with no data (a commit with only the txn action).
     pub async fn commit_position(&mut self, position: Lsn) -> Result<(), DeltaError> {
-        let table = self.take()?;
-        let result = CommitBuilder::from(self.properties(Some(position)))
-            .build(
-                Some(table.snapshot().map_err(|e| self.err("reading", e))?),
-                table.log_store(),
-                DeltaOperation::Write {
-                    mode: SaveMode::Append,
-                    partition_by: None,
-                    predicate: None,
-                },
-            )
-            .await;
-        self.table = Some(table);
-        result.map_err(|e| self.err("committing to", e))?;
-        self.version = Some(position);
-        self.reload_state().await
-    }
-
-    async fn reload_state(&mut self) -> Result<(), DeltaError> {
-        if let Some(t) = self.table.as_mut()
-            && let Err(e) = t.update_state().await
-        {
-            return Err(self.err("reading", e));
+        if self.quick.is_none() {
+            self.fresh().await?;
         }
-        Ok(())
+        if self.quick.is_none() {
+            return Err(self.err(
+                "committing to",
+                DeltaTableError::Generic(
+                    "the table uses Delta features weir does not write: \
+                     a position-only commit is not possible"
+                        .into(),
+                ),
+            ));
+        }
+        self.quick_commit(Vec::new(), Some(position)).await
     }
 
     /// Appends `batch` and records `position` in the same commit.
@@ -463,7 +496,10 @@ impl LakeTable {
         batch: RecordBatch,
         position: Option<Lsn>,
     ) -> Result<(), DeltaError> {
-        let table = self.take()?;
+        if let Some(batch) = self.quick_batch(&batch) {
+            return self.quick_append(batch, position).await;
+        }
+        let table = self.take().await?;
         let before = table.version();
         let result = table
             .write(vec![batch])
@@ -474,6 +510,135 @@ impl LakeTable {
             Ok(table) => self.finish(before, table, position).await,
             Err(e) => self.failed("appending to", e).await,
         }
+    }
+
+    /// `batch` in the table's schema when it can take the quick path (see [`conform`]).
+    fn quick_batch(&self, batch: &RecordBatch) -> Option<RecordBatch> {
+        self.quick?;
+        conform(batch, &self.arrow_schema()?)
+    }
+
+    /// Appends through a commit weir writes itself ([`LakeTable::quick_commit`]): the
+    /// Parquet file by deltalake's `RecordBatchWriter`, with the same statistics as a
+    /// `write` operation.
+    async fn quick_append(
+        &mut self,
+        batch: RecordBatch,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let table = self.table.as_ref().ok_or_else(|| DeltaError::Missing {
+            table: self.name.clone(),
+        })?;
+        let written = async {
+            let mut writer = RecordBatchWriter::for_table(table)?;
+            writer.write(batch).await?;
+            writer.flush().await
+        }
+        .await;
+        let adds = written.map_err(|e| self.err("appending to", e))?;
+        self.quick_commit(adds.into_iter().map(Action::Add).collect(), position)
+            .await
+    }
+
+    /// Commits `actions` (adds only: a blind append) with `position`, writing the log entry
+    /// itself instead of through deltalake's transaction: deltalake replays the log after
+    /// every commit to refresh the table's state (parsing the statistics of every file:
+    /// ~60% of a small commit's cost, growing with the table), which appends do not need.
+    /// The state is refreshed once, when something reads it ([`LakeTable::fresh`]);
+    /// checkpoints are written at the table's interval as deltalake writes them.
+    async fn quick_commit(
+        &mut self,
+        actions: Vec<Action>,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        let txns = position
+            .map(|p| vec![Transaction::new(&self.app_id, p.0 as i64)])
+            .unwrap_or_default();
+        let bytes = CommitData::new(actions, operation, HashMap::new(), txns)
+            .get_bytes()
+            .map_err(|e| self.err("committing to", e.into()))?;
+        let mut attempts = 0;
+        let version = loop {
+            let (Some(table), Some(head)) = (self.table.as_ref(), self.head) else {
+                return Err(DeltaError::Missing {
+                    table: self.name.clone(),
+                });
+            };
+            let entry = CommitOrBytes::LogBytes(bytes.clone());
+            match table
+                .log_store()
+                .write_commit_entry(head + 1, entry, uuid::Uuid::new_v4())
+                .await
+            {
+                Ok(()) => break head + 1,
+                // Another writer committed that version: an append conflicts with nothing
+                // of another pipeline, so it takes the next one, unless that writer was
+                // this pipeline (a second weir, or a stale handle: its position moved) or
+                // changed the table's protocol.
+                Err(TransactionError::VersionAlreadyExists(v)) if attempts < 10 => {
+                    attempts += 1;
+                    self.update().await?;
+                    let table = self.table.as_ref().expect("fresh keeps the table");
+                    let theirs = table
+                        .snapshot()
+                        .map_err(|e| self.err("reading", e))?
+                        .transaction_version(table.log_store().as_ref(), &self.app_id)
+                        .await
+                        .map_err(|e| self.err("reading the application transaction of", e))?
+                        .map(|v| Lsn(v as u64));
+                    let detail = if theirs != self.version {
+                        format!("version {v} moved this pipeline's position to {theirs:?}")
+                    } else if self.quick.is_none() {
+                        format!("version {v} changed the table's protocol")
+                    } else {
+                        continue;
+                    };
+                    return Err(DeltaError::Concurrent {
+                        table: self.name.clone(),
+                        detail,
+                    });
+                }
+                Err(e) => return Err(self.err("committing to", e.into())),
+            }
+        };
+        self.head = Some(version);
+        if let Some(p) = position {
+            self.version = Some(p);
+        }
+        if let Some(interval) = self.quick
+            && (version + 1).is_multiple_of(interval)
+        {
+            self.checkpoint(version).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint of `version` (with the kernel, as deltalake's post-commit
+    /// hook does, without loading the table's state).
+    async fn checkpoint(&self, version: u64) -> Result<(), DeltaError> {
+        let Some(table) = self.table.as_ref() else {
+            return Ok(());
+        };
+        let log_store = table.log_store();
+        let root = log_store
+            .transaction_url(None)
+            .map_err(|e| self.err("checkpointing", e))?;
+        let engine = log_store.engine(None);
+        let written = tokio::task::spawn_blocking(move || {
+            let snapshot = delta_kernel::Snapshot::builder_for(root.as_str())
+                .at_version(version)
+                .build(engine.as_ref())?;
+            snapshot.checkpoint(engine.as_ref(), None).map(|_| ())
+        })
+        .await
+        .map_err(|e| DeltaTableError::Generic(e.to_string()))
+        .and_then(|r| r.map_err(DeltaTableError::from));
+        written.map_err(|e| self.err("checkpointing", e))
     }
 
     async fn failed<T>(&mut self, action: &str, e: DeltaTableError) -> Result<T, DeltaError> {
@@ -503,7 +668,7 @@ impl LakeTable {
         predicate: Option<&str>,
         position: Option<Lsn>,
     ) -> Result<(), DeltaError> {
-        let table = self.take()?;
+        let table = self.take().await?;
         let before = table.version();
         let mut builder = table
             .delete()
@@ -524,7 +689,7 @@ impl LakeTable {
         position: Option<Lsn>,
         lsn: Lsn,
     ) -> Result<(), DeltaError> {
-        let table = self.take()?;
+        let table = self.take().await?;
         let before = table.version();
         let result = table
             .update()
@@ -550,7 +715,7 @@ impl LakeTable {
         let df = ctx
             .read_batch(source)
             .map_err(|e| self.err("preparing a merge into", e.into()))?;
-        let table = self.take()?;
+        let table = self.take().await?;
         let before = table.version();
         let builder = table
             .merge(df, plan.predicate.clone())
@@ -571,10 +736,11 @@ impl LakeTable {
     /// row whose `key_columns` equal the key row's (compared as text), in Arrow's JSON
     /// form. Rows not found are left out.
     pub async fn stored_values(
-        &self,
+        &mut self,
         key_columns: &[String],
         wanted: &[(String, Map<String, Value>, Vec<String>)],
     ) -> Result<Vec<(String, Map<String, Value>)>, DeltaError> {
+        self.fresh().await?;
         let Some(table) = self.table.as_ref() else {
             return Ok(Vec::new());
         };
@@ -640,7 +806,7 @@ impl LakeTable {
         let df = ctx
             .read_batch(source)
             .map_err(|e| self.err("preparing a merge into", e.into()))?;
-        let table = self.take()?;
+        let table = self.take().await?;
         let before = table.version();
         let k = quote(key);
         let result = async {
@@ -670,9 +836,9 @@ impl LakeTable {
         }
     }
 
-    /// The Delta version of the table as this handle last saw it.
+    /// The Delta version of the table as this handle last saw or wrote it.
     pub fn delta_version(&self) -> Option<u64> {
-        self.table.as_ref().and_then(|t| t.version())
+        self.head
     }
 
     /// Adds the keys of rows just appended to the key set, when the table went from version
@@ -691,10 +857,11 @@ impl LakeTable {
     /// The keys ([`row_keys`]) of every row of the key `columns`, each cast to its type in
     /// `schema`.
     pub async fn row_key_hashes(
-        &self,
+        &mut self,
         columns: &[String],
         schema: &Schema,
     ) -> Result<KeySet, DeltaError> {
+        self.fresh().await?;
         let mut out = Vec::new();
         let Some(table) = self.table.as_ref() else {
             return Ok(KeySet::of(&out));
@@ -719,8 +886,9 @@ impl LakeTable {
     }
 
     /// The keys ([`key_id`]) of every value of the string column `column`.
-    pub async fn key_hashes(&self, column: &str) -> Result<KeySet, DeltaError> {
+    pub async fn key_hashes(&mut self, column: &str) -> Result<KeySet, DeltaError> {
         use deltalake::arrow::array::{Array, StringArray};
+        self.fresh().await?;
         let mut out = Vec::new();
         let Some(table) = self.table.as_ref() else {
             return Ok(KeySet::of(&out));
@@ -746,7 +914,11 @@ impl LakeTable {
 
     /// Every row matching `filter` (SQL over the table's columns; all rows without one),
     /// as JSON objects in Arrow's JSON form. For small tables (plugin state).
-    pub async fn rows(&self, filter: Option<&str>) -> Result<Vec<Map<String, Value>>, DeltaError> {
+    pub async fn rows(
+        &mut self,
+        filter: Option<&str>,
+    ) -> Result<Vec<Map<String, Value>>, DeltaError> {
+        self.fresh().await?;
         let Some(table) = self.table.as_ref() else {
             return Ok(Vec::new());
         };
@@ -805,10 +977,10 @@ impl LakeTable {
 
     /// Runs `optimize` (compaction) and returns what it did.
     pub async fn optimize(&mut self) -> Result<String, DeltaError> {
-        let table = self.take()?;
+        let table = self.take().await?;
         match table.optimize().await {
             Ok((table, metrics)) => {
-                self.table = Some(table);
+                self.loaded(table);
                 Ok(format!(
                     "{} files added, {} removed",
                     metrics.num_files_added, metrics.num_files_removed
@@ -820,7 +992,7 @@ impl LakeTable {
 
     /// Runs `vacuum` (removes files no version within `retention_hours` uses).
     pub async fn vacuum(&mut self, retention_hours: u64) -> Result<usize, DeltaError> {
-        let table = self.take()?;
+        let table = self.take().await?;
         match table
             .vacuum()
             .with_retention_period(chrono::Duration::hours(retention_hours as i64))
@@ -828,12 +1000,75 @@ impl LakeTable {
             .await
         {
             Ok((table, metrics)) => {
-                self.table = Some(table);
+                self.loaded(table);
                 Ok(metrics.files_deleted.len())
             }
             Err(e) => self.failed("vacuuming", e).await,
         }
     }
+}
+
+/// `batch` in the table's `schema`, for a quick append: its columns by name, a nullable
+/// column it lacks as nulls. `None` when that is not enough (a column of another type or
+/// not in the table, nulls in a non-nullable column): the regular `write` then applies its
+/// own rules and errors.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Option<RecordBatch> {
+    let batch_schema = batch.schema();
+    if batch_schema
+        .fields()
+        .iter()
+        .any(|f| schema.field_with_name(f.name()).is_err())
+    {
+        return None;
+    }
+    let rows = batch.num_rows();
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        match batch.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() => columns.push(c.clone()),
+            None if field.is_nullable() => columns.push(deltalake::arrow::array::new_null_array(
+                field.data_type(),
+                rows,
+            )),
+            _ => return None,
+        }
+    }
+    let options = RecordBatchOptions::new().with_row_count(Some(rows));
+    RecordBatch::try_new_with_options(schema.clone(), columns, &options).ok()
+}
+
+/// Whether weir may write `table`'s appends as its own commits (its checkpoint interval
+/// then), which is when such a commit needs nothing but add actions and the txn action:
+/// the writer features, if any, are among those an append need not act on, no column
+/// carries an invariant, no CHECK constraint, no in-commit timestamps, and the log store
+/// takes a commit as bytes (a conditional put; not the DynamoDB-locked S3 store).
+fn quick_commits(table: &DeltaTable) -> Option<u64> {
+    use deltalake::table::config::TablePropertiesExt;
+    const HARMLESS: [&str; 3] = ["appendOnly", "timestampNtz", "deletionVectors"];
+    if !["DefaultLogStore", "LakeFSLogStore"].contains(&table.log_store().name().as_str()) {
+        return None;
+    }
+    let snapshot = table.snapshot().ok()?;
+    let protocol = serde_json::to_value(snapshot.protocol()).ok()?;
+    let writer_version = protocol.get("minWriterVersion")?.as_i64()?;
+    let features_ok = match protocol.get("writerFeatures").and_then(Value::as_array) {
+        Some(features) => features
+            .iter()
+            .all(|f| f.as_str().is_some_and(|f| HARMLESS.contains(&f))),
+        None => writer_version <= 2,
+    };
+    let config = snapshot.metadata().configuration();
+    let constrained = config
+        .keys()
+        .any(|k| k.starts_with("delta.constraints.") || k == "delta.enableInCommitTimestamps");
+    let invariants = snapshot
+        .snapshot()
+        .arrow_schema()
+        .fields()
+        .iter()
+        .any(|f| f.metadata().contains_key("delta.invariants"));
+    (features_ok && !constrained && !invariants)
+        .then(|| snapshot.table_config().checkpoint_interval().get())
 }
 
 /// Whether a column of type `found` in the table can take values of type `expected`.
