@@ -282,7 +282,7 @@ impl LakeTable {
 
     /// Takes `table` (just loaded or just written by deltalake) as the current state.
     fn loaded(&mut self, table: DeltaTable) {
-        self.head = table.version().map(|v| v as u64);
+        self.head = table.version();
         self.quick = quick_commits(&table);
         self.table = Some(table);
     }
@@ -291,7 +291,7 @@ impl LakeTable {
     /// anything reads it or builds on it.
     async fn fresh(&mut self) -> Result<(), DeltaError> {
         match self.table.as_ref() {
-            Some(table) if table.version().map(|v| v as u64) != self.head => self.update().await,
+            Some(table) if table.version() != self.head => self.update().await,
             _ => Ok(()),
         }
     }
