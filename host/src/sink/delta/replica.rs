@@ -7,6 +7,7 @@
 //! taken from an earlier change in the same batch when there is one, else left untouched
 //! by the MERGE.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use deltalake::DeltaResult;
@@ -17,7 +18,7 @@ use serde_json::{Map, Value};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
-use super::schema::{project, record_batch, to_arrow_json};
+use super::schema::{project, record_batch, to_arrow_json, to_arrow_json_ref};
 use super::{COMMIT_TS, DELETED, LSN};
 use crate::config::DeleteMode;
 use crate::document::{ChangeDocument, Op};
@@ -288,6 +289,7 @@ pub fn inserts_only(
     let mut ints = std::collections::HashSet::with_capacity(docs.len());
     let mut texts = std::collections::HashSet::new();
     let mut rows = Vec::with_capacity(docs.len());
+    let upsert = Value::from("u");
     for d in docs {
         let value =
             |name: &str, hint: usize| match d.columns.get(hint).filter(|(n, _)| &**n == name) {
@@ -311,13 +313,13 @@ pub fn inserts_only(
         if !distinct {
             return None;
         }
-        let mut row: Vec<Value> = Vec::with_capacity(columns.len() + 3);
+        let mut row: Vec<Cow<'_, Value>> = Vec::with_capacity(columns.len() + 3);
         for (i, (name, ty)) in columns.iter().enumerate() {
-            row.push(value(name, i).map_or(Value::Null, |v| to_arrow_json(v.clone(), ty)));
+            row.push(value(name, i).map_or(Cow::Owned(Value::Null), |v| to_arrow_json_ref(v, ty)));
         }
-        row.push(Value::from("u"));
-        row.push(Value::from(d.source.lsn.0 as i64));
-        row.push(Value::from(d.source.ts_ms * 1000));
+        row.push(Cow::Borrowed(&upsert));
+        row.push(Cow::Owned(Value::from(d.source.lsn.0 as i64)));
+        row.push(Cow::Owned(Value::from(d.source.ts_ms * 1000)));
         rows.push(row);
     }
     let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();

@@ -153,6 +153,29 @@ pub fn to_arrow_json(value: Value, ty: &DataType) -> Value {
     }
 }
 
+/// [`to_arrow_json`] of a borrowed value: the value itself where that leaves it as it is
+/// (nearly always: numbers, text, dates), so that rows need not copy their values.
+pub fn to_arrow_json_ref<'a>(value: &'a Value, ty: &DataType) -> Cow<'a, Value> {
+    let converts = match (ty, value) {
+        (_, Value::Null) => false,
+        (DataType::Utf8, Value::String(_)) => false,
+        (DataType::Utf8, _) => true,
+        (DataType::Binary, Value::String(_)) => true,
+        (DataType::Decimal128(..), Value::String(s)) => {
+            !s.starts_with(|c: char| c == '-' || c.is_ascii_digit()) || s == "-Infinity"
+        }
+        (DataType::Timestamp(..) | DataType::Date32, Value::String(s)) => s.ends_with("infinity"),
+        (DataType::Float32 | DataType::Float64, Value::String(_)) => true,
+        (DataType::List(_), Value::Array(_)) => true,
+        _ => false,
+    };
+    if converts {
+        Cow::Owned(to_arrow_json(value.clone(), ty))
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -228,6 +251,13 @@ impl JsonRow for Map<String, Value> {
 impl JsonRow for Vec<Value> {
     fn field(&self, index: usize, _: &str) -> Option<Cell<'_>> {
         self.get(index).map(Cell::Value)
+    }
+}
+
+/// Values in schema order, borrowed where they can be.
+impl JsonRow for Vec<Cow<'_, Value>> {
+    fn field(&self, index: usize, _: &str) -> Option<Cell<'_>> {
+        self.get(index).map(|v| Cell::Value(v.as_ref()))
     }
 }
 
@@ -393,6 +423,58 @@ pub fn project(from: &Schema, names: &[&str], extra: Vec<Field>) -> SchemaRef {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn borrowed_conversion_equals_the_owned_one_and_copies_only_what_changes() {
+        let list = DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
+        let types = [
+            DataType::Utf8,
+            DataType::Binary,
+            DataType::Int64,
+            DataType::Float64,
+            DataType::Decimal128(12, 2),
+            DataType::Date32,
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            list,
+        ];
+        let values = [
+            json!(null),
+            json!("text"),
+            json!(7),
+            json!(1.5),
+            json!("12.50"),
+            json!("-3.00"),
+            json!("NaN"),
+            json!("-Infinity"),
+            json!("infinity"),
+            json!("2024-01-02"),
+            json!("2024-01-02 03:04:05"),
+            json!("aGk="),
+            json!({"a": 1}),
+            json!(["a", ["b"]]),
+            json!(true),
+        ];
+        for ty in &types {
+            for v in &values {
+                let borrowed = to_arrow_json_ref(v, ty);
+                let owned = to_arrow_json(v.clone(), ty);
+                assert_eq!(*borrowed, owned, "{v} as {ty}");
+            }
+        }
+        // The common forms are not copied.
+        for (v, ty) in [
+            (json!("12.50"), DataType::Decimal128(12, 2)),
+            (json!("text"), DataType::Utf8),
+            (json!(7), DataType::Int64),
+            (json!("2024-01-02"), DataType::Date32),
+            (json!(null), DataType::Float64),
+        ] {
+            assert!(
+                matches!(to_arrow_json_ref(&v, &ty), Cow::Borrowed(_)),
+                "{v}"
+            );
+        }
+    }
 
     fn col(type_id: u32, type_modifier: i32, kind: TypeKind) -> ColumnInfo {
         ColumnInfo {
