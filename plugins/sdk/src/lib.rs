@@ -357,7 +357,113 @@ impl Members {
     /// The members of member `name`, when it is an object.
     fn object_at(&self, text: &str, name: &str) -> Option<Members> {
         let i = self.find(text, name)?;
-        Members::parse(text, self.values[i]).ok().flatten()
+        let span = self.values[i];
+        Members::scan(text, span).or_else(|| Members::parse(text, span).ok().flatten())
+    }
+
+    /// [`Members::parse`] of an object inside text that parse has already checked: a plain
+    /// scan for where names and values are, several times cheaper than a validating parse
+    /// (`_meta` and `_meta.source` are read this way for every document). `None` for
+    /// anything but an object, or a name with escapes (left to `parse`).
+    fn scan(text: &str, span: Span) -> Option<Members> {
+        let b = text.as_bytes().get(..span.end)?;
+        let skip_ws = |mut i: usize| {
+            while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+                i += 1;
+            }
+            i
+        };
+        let mut i = skip_ws(span.start);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i += 1;
+        let mut names = Vec::with_capacity(8);
+        let mut values = Vec::with_capacity(8);
+        loop {
+            i = skip_ws(i);
+            match b.get(i)? {
+                b'}' => break,
+                b',' => i = skip_ws(i + 1),
+                _ => {}
+            }
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let (close, escaped) = string_end(b, i)?;
+            if escaped {
+                return None;
+            }
+            names.push(Name::At(Span {
+                start: i + 1,
+                end: close,
+            }));
+            i = skip_ws(close + 1);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let start = skip_ws(i + 1);
+            i = value_end(b, start)?;
+            values.push(Span { start, end: i });
+        }
+        let decoded = vec![OnceCell::new(); values.len()];
+        Some(Members {
+            names,
+            values,
+            decoded,
+        })
+    }
+}
+
+/// The index of the quote closing the string that opens at `open`, and whether the string
+/// has escapes.
+fn string_end(b: &[u8], open: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    let mut j = open + 1;
+    loop {
+        match b.get(j)? {
+            b'"' => return Some((j, escaped)),
+            b'\\' => {
+                escaped = true;
+                j += 2;
+            }
+            _ => j += 1,
+        }
+    }
+}
+
+/// Where the (valid) JSON value starting at `start` ends.
+fn value_end(b: &[u8], start: usize) -> Option<usize> {
+    match b.get(start)? {
+        b'"' => string_end(b, start).map(|(close, _)| close + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = start;
+            loop {
+                match b.get(j)? {
+                    b'"' => j = string_end(b, j)?.0,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = start;
+            while b
+                .get(j)
+                .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+            {
+                j += 1;
+            }
+            (j > start).then_some(j)
+        }
     }
 }
 
@@ -652,6 +758,60 @@ mod tests {
         "nested": {"a": [1, 2]}, "dup": 1, "dup": 2, "caf\u00e9": "latte",
         "_meta": {"op": "u", "before": {"transaction_id": 42, "amount": "100.00"},
                   "source": {"schema": "public", "table": "transactions", "lsn": "0/16B3748"}}}"#;
+
+    #[test]
+    fn the_scan_of_a_checked_object_finds_what_the_parse_finds() {
+        let texts = [
+            r#"{"_meta": {"op": "u", "before": {"a": [1, {"b": "}]"}], "c": "x\"}y"}, "n": -1.5e2 ,"t":true,"f":false,"z":null, "s": {"schema": "public", "table": "t"}, "e": {}, "l": []}}"#,
+            INSERT,
+            "{ }",
+            " {\n\"a\" :\t1 , \"b\":\"\\\\\"}",
+        ];
+        let names = |m: &Members, text: &str| -> Vec<String> {
+            m.names
+                .iter()
+                .map(|n| match n {
+                    Name::At(span) => span.get(text).to_string(),
+                    Name::Unescaped(s) => s.clone(),
+                })
+                .collect()
+        };
+        let mut checked = 0;
+        for text in texts {
+            let top = Members::parse(text, Span::all(text)).unwrap().unwrap();
+            let mut objects = vec![Span::all(text)];
+            objects.extend(top.values.iter().copied());
+            if let Some(i) = top.find(text, "_meta") {
+                let meta = Members::parse(text, top.values[i]).unwrap().unwrap();
+                objects.extend(meta.values.iter().copied());
+            }
+            for span in objects {
+                let parsed = Members::parse(text, span).unwrap();
+                let scanned = Members::scan(text, span);
+                match (&parsed, &scanned) {
+                    (Some(p), Some(s)) => {
+                        assert_eq!(names(p, text), names(s, text), "{}", span.get(text));
+                        let raw = |m: &Members| {
+                            (0..m.values.len())
+                                .map(|i| m.raw(text, i))
+                                .collect::<Vec<_>>()
+                        };
+                        assert_eq!(raw(p), raw(s), "{}", span.get(text));
+                        checked += 1;
+                    }
+                    // Not an object; or names with escapes, left to the parse.
+                    (None, None) => {}
+                    (Some(p), None) => assert!(
+                        p.names.iter().any(|n| matches!(n, Name::Unescaped(_))),
+                        "{}",
+                        span.get(text)
+                    ),
+                    (None, Some(_)) => panic!("scanned a non-object: {}", span.get(text)),
+                }
+            }
+        }
+        assert!(checked >= 8, "{checked}");
+    }
 
     #[test]
     fn lazy_reads_equal_the_parsed_document() {
