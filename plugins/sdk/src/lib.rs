@@ -140,6 +140,25 @@ impl Document {
         })
     }
 
+    /// A document from the host, which sends only JSON it has checked (documents it
+    /// serialized, recorded lines it parsed): scanned rather than parsed again, unless
+    /// the scan cannot take it (a name with escapes), when [`Document::from_string`]
+    /// decides.
+    fn from_host(json: String) -> Result<Document, String> {
+        let text = json.into_boxed_str();
+        match Members::scan(&text, Span::all(&text)) {
+            Some(top) => Ok(Document {
+                text,
+                top,
+                meta: OnceCell::new(),
+                source: OnceCell::new(),
+                map: OnceCell::new(),
+                before: OnceCell::new(),
+            }),
+            None => Document::from_string(text.into_string()),
+        }
+    }
+
     /// The whole document (columns and `_meta`).
     pub fn as_map(&self) -> &Map<String, Value> {
         self.map
@@ -685,7 +704,7 @@ pub fn run_native<P: Plugin>(
     plugin: &mut P,
     json: &str,
 ) -> Result<Vec<(String, String, String)>, String> {
-    let doc = Document::parse(json)?;
+    let doc = Document::from_host(json.to_string())?;
     Ok(plugin
         .process(&doc)?
         .into_iter()
@@ -709,7 +728,7 @@ pub fn __process<P: Plugin>(
         documents
             .into_iter()
             .map(|json| {
-                let doc = Document::from_string(json)?;
+                let doc = Document::from_host(json)?;
                 let outputs = plugin.process(&doc)?;
                 Ok(outputs
                     .into_iter()
@@ -811,6 +830,23 @@ mod tests {
             }
         }
         assert!(checked >= 8, "{checked}");
+    }
+
+    #[test]
+    fn a_host_document_reads_as_the_parsed_one() {
+        let plain = r#"{"transaction_id":42,"amount":"125.50","note":"a \"q\"","_meta":{"op":"c","source":{"table":"transactions","lsn":"0/1"}}}"#;
+        for text in [plain, INSERT] {
+            let scanned = Document::from_host(text.to_string()).unwrap();
+            let parsed = Document::parse(text).unwrap();
+            assert_eq!(scanned.as_map(), parsed.as_map());
+            for name in parsed.as_map().keys() {
+                assert_eq!(scanned.get(name), parsed.get(name), "{name}");
+            }
+            assert_eq!(scanned.table(), parsed.table());
+            assert_eq!(scanned.op(), parsed.op());
+            assert_eq!(scanned.lsn(), parsed.lsn());
+        }
+        assert!(Document::from_host("[1]".into()).is_err());
     }
 
     #[test]
