@@ -190,6 +190,41 @@ fn fraud_rule_by_default_emits_anomalies_and_withdraws_alerts_that_no_longer_hol
     assert!(bad.contains("emit") || bad.contains("some"), "{bad}");
 }
 
+/// The rule keeps a user's figures in 16 bytes, and still reads the JSON object earlier
+/// versions stored (a lake written by them resumes with the same averages).
+#[test]
+fn fraud_rule_reads_the_json_user_state_of_earlier_versions() {
+    let plugin = load(
+        "fraud_rule",
+        json!({"before_images": true, "emit": "all"}),
+        Limits::default(),
+    );
+    let old = PluginState::from_committed(
+        [("user:7".to_string(), br#"{"count":2,"sum":30.0}"#.to_vec())].into(),
+    );
+    let mut inst = plugin.instantiate(old).unwrap();
+    let docs = [
+        tx("c", 3, 7, "90.01", "0/30"),
+        tx("c", 4, 7, "10.00", "0/40"),
+    ];
+    let out: Vec<Value> = inst
+        .process(&docs)
+        .iter()
+        .map(|o| ok(o)[0].document.to_value())
+        .collect();
+    assert_eq!(out[0]["user_avg"], json!(15.0));
+    assert_eq!(out[0]["history"], json!(2));
+    assert_eq!(out[0]["is_anomaly"], json!(true));
+    // 30 + 90.01 over 3: the new form carries on from the old.
+    assert_eq!(out[1]["user_avg"], json!(40.0));
+    assert_eq!(out[1]["history"], json!(3));
+    let changes = inst.take_state_changes();
+    let stored = changes["user:7"].as_ref().unwrap();
+    assert_eq!(stored.len(), 16);
+    assert_eq!(u64::from_le_bytes(stored[..8].try_into().unwrap()), 4);
+    assert!((f64::from_le_bytes(stored[8..].try_into().unwrap()) - 130.01).abs() < 1e-9);
+}
+
 /// A change of transaction `id` with the old row as its before-image (REPLICA IDENTITY
 /// FULL).
 fn tx_with_before(

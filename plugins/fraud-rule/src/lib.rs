@@ -10,7 +10,7 @@
 //! With `emit = "all"` every scored transaction is emitted, `is_anomaly` true or false
 //! (a scored copy of the table), and every delete emits the marker.
 //!
-//! State: per user `user:<id>` = count and sum of their transactions; per alerted
+//! State: per user `user:<id>` = count and sum of their transactions (16 bytes); per alerted
 //! transaction `alert:<id>` (only with `emit = "anomalies"`, so that an update or delete
 //! knows there is an alert to withdraw); per transaction `tx:<id>` = its user and amount
 //! (so updates and deletes can be applied without a before-image), unless `before_images`
@@ -80,6 +80,30 @@ struct UserStats {
     sum: f64,
 }
 
+impl UserStats {
+    /// A user's figures from the state: 16 bytes (count and sum, little-endian), or the
+    /// JSON object earlier versions wrote (never 16 bytes long: at least 19).
+    fn load(key: &str) -> UserStats {
+        match state::get(key) {
+            Some(b) if b.len() == 16 => UserStats {
+                count: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+                sum: f64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
+            },
+            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            None => UserStats::default(),
+        }
+    }
+
+    /// Stores the figures in 16 bytes: read and written on every transaction, where JSON
+    /// (a float printed and parsed each time) was a tenth of the rule's time.
+    fn store(&self, key: &str) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.count.to_le_bytes());
+        b[8..].copy_from_slice(&self.sum.to_le_bytes());
+        state::set(key, &b);
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Seen {
     user_id: i64,
@@ -105,13 +129,13 @@ fn alert_key(tx: i64) -> String {
 
 fn adjust(user: i64, count: i64, amount: f64) {
     let key = user_key(user);
-    let mut stats: UserStats = state::get_json(&key).unwrap_or_default();
+    let mut stats = UserStats::load(&key);
     stats.count = (stats.count as i64 + count).max(0) as u64;
     stats.sum += amount;
     if stats.count == 0 {
         state::delete(&key);
     } else {
-        state::set_json(&key, &stats);
+        stats.store(&key);
     }
 }
 
@@ -128,7 +152,7 @@ impl FraudRule {
         let user = field(doc, "user_id")? as i64;
         let amount = field(doc, "amount")?;
         let key = user_key(user);
-        let mut stats: UserStats = state::get_json(&key).unwrap_or_default();
+        let mut stats = UserStats::load(&key);
         let avg = if stats.count > 0 {
             stats.sum / stats.count as f64
         } else {
@@ -148,7 +172,7 @@ impl FraudRule {
         }
         stats.count += 1;
         stats.sum += amount;
-        state::set_json(&key, &stats);
+        stats.store(&key);
         if !self.config.before_images {
             state::set_json(
                 &tx_key(tx),
