@@ -1022,6 +1022,58 @@ async fn quick_appends_write_a_complete_log_with_checkpoints_and_statistics() {
     );
 }
 
+/// A table with a feature weir does not write itself (here a CHECK constraint, added by
+/// another tool) takes deltalake's own path: the constraint holds, positions are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_with_other_writer_features_are_written_through_deltalake() {
+    use deltalake::arrow::datatypes::{DataType, Field};
+    use weir::sink::delta::schema::record_batch;
+    use weir::sink::delta::table::LakeTable;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(&dir.path().join("lake").display().to_string(), true).unwrap();
+    let open = || {
+        let lake = lake.clone();
+        async move {
+            LakeTable::open("c", lake.table_url("c"), lake.storage.clone(), "p", 100)
+                .await
+                .unwrap()
+        }
+    };
+    let fields = [Field::new("v", DataType::Int64, true)];
+    open().await.ensure_fields(&fields).await.unwrap();
+    deltalake::DeltaTableBuilder::from_url(lake.table_url("c"))
+        .unwrap()
+        .load()
+        .await
+        .unwrap()
+        .add_constraint()
+        .with_constraint("positive", "v > 0")
+        .await
+        .unwrap();
+    let batch = |v: i64| {
+        let schema = std::sync::Arc::new(deltalake::arrow::datatypes::Schema::new(fields.to_vec()));
+        let row = serde_json::json!({ "v": v }).as_object().unwrap().clone();
+        record_batch(schema, &[row]).unwrap()
+    };
+    let mut t = open().await;
+    t.append(batch(5), Some(Lsn(10))).await.unwrap();
+    let err = t
+        .append(batch(-1), Some(Lsn(20)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`c`") && err.contains("failed validation"),
+        "{err}"
+    );
+    t.commit_position(Lsn(30)).await.unwrap();
+    assert_eq!(open().await.version, Some(Lsn(30)));
+    assert_eq!(
+        lake_rows(&lake, "SELECT v FROM c").await,
+        vec![vec!["5".to_string()]]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_are_retried_or_refused_never_lost() {
     let dir = tempfile::tempdir().unwrap();

@@ -474,20 +474,27 @@ impl LakeTable {
 
     /// Records `position` with no data (a commit with only the txn action).
     pub async fn commit_position(&mut self, position: Lsn) -> Result<(), DeltaError> {
-        if self.quick.is_none() {
-            self.fresh().await?;
+        if self.quick.is_some() {
+            return self.quick_commit(Vec::new(), Some(position)).await;
         }
-        if self.quick.is_none() {
-            return Err(self.err(
-                "committing to",
-                DeltaTableError::Generic(
-                    "the table uses Delta features weir does not write: \
-                     a position-only commit is not possible"
-                        .into(),
-                ),
-            ));
-        }
-        self.quick_commit(Vec::new(), Some(position)).await
+        // A table with features weir does not write itself: through deltalake.
+        let table = self.take().await?;
+        let result =
+            deltalake::kernel::transaction::CommitBuilder::from(self.properties(Some(position)))
+                .build(
+                    Some(table.snapshot().map_err(|e| self.err("reading", e))?),
+                    table.log_store(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Append,
+                        partition_by: None,
+                        predicate: None,
+                    },
+                )
+                .await;
+        self.table = Some(table);
+        result.map_err(|e| self.err("committing to", e))?;
+        self.version = Some(position);
+        self.update().await
     }
 
     /// Appends `batch` and records `position` in the same commit.
