@@ -931,6 +931,34 @@ async fn plugin_outputs_and_dead_letters_land_in_their_tables() {
     );
 }
 
+/// Table `name` of `lake` as `pipeline` writes it, checkpointing every `interval` commits.
+async fn lake_table(
+    lake: &Lake,
+    name: &str,
+    pipeline: &str,
+    interval: u64,
+) -> weir::sink::delta::table::LakeTable {
+    weir::sink::delta::table::LakeTable::open(
+        name,
+        lake.table_url(name),
+        lake.storage.clone(),
+        pipeline,
+        interval,
+    )
+    .await
+    .unwrap()
+}
+
+/// One row of `v` in a batch of `fields` (a single Int64 column `v`).
+fn int_batch(
+    fields: &[deltalake::arrow::datatypes::Field],
+    v: i64,
+) -> deltalake::arrow::record_batch::RecordBatch {
+    let schema = std::sync::Arc::new(deltalake::arrow::datatypes::Schema::new(fields.to_vec()));
+    let row = serde_json::json!({ "v": v }).as_object().unwrap().clone();
+    weir::sink::delta::schema::record_batch(schema, &[row]).unwrap()
+}
+
 /// Appends are committed by weir itself (no log replay after each): the log it writes is
 /// a Delta log others read (checkpoints at the table's interval, file statistics, the
 /// pipeline's position), and the handle reads its own appends back.
@@ -939,17 +967,9 @@ async fn quick_appends_write_a_complete_log_with_checkpoints_and_statistics() {
     use deltalake::arrow::datatypes::{DataType, Field};
     use weir::sink::delta::collection::load_state;
     use weir::sink::delta::schema::record_batch;
-    use weir::sink::delta::table::LakeTable;
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(&dir.path().join("lake").display().to_string(), true).unwrap();
-    let open = || {
-        let lake = lake.clone();
-        async move {
-            LakeTable::open("t", lake.table_url("t"), lake.storage.clone(), "p", 5)
-                .await
-                .unwrap()
-        }
-    };
+    let open = || lake_table(&lake, "t", "p", 5);
     let fields = [
         Field::new("plugin", DataType::Utf8, true),
         Field::new("key", DataType::Utf8, true),
@@ -1027,18 +1047,9 @@ async fn quick_appends_write_a_complete_log_with_checkpoints_and_statistics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_with_other_writer_features_are_written_through_deltalake() {
     use deltalake::arrow::datatypes::{DataType, Field};
-    use weir::sink::delta::schema::record_batch;
-    use weir::sink::delta::table::LakeTable;
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(&dir.path().join("lake").display().to_string(), true).unwrap();
-    let open = || {
-        let lake = lake.clone();
-        async move {
-            LakeTable::open("c", lake.table_url("c"), lake.storage.clone(), "p", 100)
-                .await
-                .unwrap()
-        }
-    };
+    let open = || lake_table(&lake, "c", "p", 100);
     let fields = [Field::new("v", DataType::Int64, true)];
     open().await.ensure_fields(&fields).await.unwrap();
     deltalake::DeltaTableBuilder::from_url(lake.table_url("c"))
@@ -1050,11 +1061,7 @@ async fn tables_with_other_writer_features_are_written_through_deltalake() {
         .with_constraint("positive", "v > 0")
         .await
         .unwrap();
-    let batch = |v: i64| {
-        let schema = std::sync::Arc::new(deltalake::arrow::datatypes::Schema::new(fields.to_vec()));
-        let row = serde_json::json!({ "v": v }).as_object().unwrap().clone();
-        record_batch(schema, &[row]).unwrap()
-    };
+    let batch = |v: i64| int_batch(&fields, v);
     let mut t = open().await;
     t.append(batch(5), Some(Lsn(10))).await.unwrap();
     let err = t
@@ -1085,35 +1092,13 @@ async fn concurrent_writers_are_retried_or_refused_never_lost() {
 /// pipeline's commit is retried on top, the stale one refused, nothing lost.
 async fn concurrent_writers(lake: Lake) {
     use deltalake::arrow::datatypes::{DataType, Field};
-    use weir::sink::delta::schema::record_batch;
-    use weir::sink::delta::table::LakeTable;
-    let open = |pipeline: &'static str| {
-        let lake = lake.clone();
-        async move {
-            LakeTable::open(
-                "log",
-                lake.table_url("log"),
-                lake.storage.clone(),
-                pipeline,
-                100,
-            )
-            .await
-            .unwrap()
-        }
-    };
+    let open = |pipeline: &'static str| lake_table(&lake, "log", pipeline, 100);
     let fields = [Field::new("v", DataType::Int64, true)];
     let mut a = open("a").await;
     a.ensure_fields(&fields).await.unwrap();
     let mut stale_a = open("a").await;
     let mut b = open("b").await;
-    let batch = |v: i64| {
-        let schema = std::sync::Arc::new(deltalake::arrow::datatypes::Schema::new(fields.to_vec()));
-        let row: serde_json::Map<String, serde_json::Value> =
-            [("v".to_string(), serde_json::json!(v))]
-                .into_iter()
-                .collect();
-        record_batch(schema, &[row]).unwrap()
-    };
+    let batch = |v: i64| int_batch(&fields, v);
     a.append(batch(1), Some(Lsn(10))).await.unwrap();
     // Another pipeline's append on an older snapshot: retried on top, nothing lost.
     b.append(batch(2), Some(Lsn(5))).await.unwrap();

@@ -130,14 +130,19 @@ impl Document {
             Ok(None) => return Err("the document is not a JSON object".into()),
             Err(e) => return Err(format!("the document is not valid JSON: {e}")),
         };
-        Ok(Document {
+        Ok(Document::of(text, top))
+    }
+
+    /// A document of `text` whose top-level members are `top`.
+    fn of(text: Box<str>, top: Members) -> Document {
+        Document {
             text,
             top,
             meta: OnceCell::new(),
             source: OnceCell::new(),
             map: OnceCell::new(),
             before: OnceCell::new(),
-        })
+        }
     }
 
     /// A document from the host, which sends only JSON it has checked (documents it
@@ -147,14 +152,7 @@ impl Document {
     fn from_host(json: String) -> Result<Document, String> {
         let text = json.into_boxed_str();
         match Members::scan(&text, Span::all(&text)) {
-            Some(top) => Ok(Document {
-                text,
-                top,
-                meta: OnceCell::new(),
-                source: OnceCell::new(),
-                map: OnceCell::new(),
-                before: OnceCell::new(),
-            }),
+            Some(top) => Ok(Document::of(text, top)),
             None => Document::from_string(text.into_string()),
         }
     }
