@@ -20,5 +20,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 CARGO_TARGET_DIR="$CARGO_TARGET_DIR/plugins" \
   cargo clippy --manifest-path plugins/Cargo.toml --workspace --release --target wasm32-wasip2 -- -D warnings
 cargo test --workspace
-# The plugin SDK's own tests (natively: they need no host).
-CARGO_TARGET_DIR="$CARGO_TARGET_DIR/plugins" cargo test --manifest-path plugins/Cargo.toml -p weir-plugin-sdk
+# The plugin SDK's and the fraud rule's own unit tests (natively: they need no host).
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR/plugins" cargo test --manifest-path plugins/Cargo.toml -p weir-plugin-sdk -p fraud-rule

@@ -115,16 +115,57 @@ pub struct FraudRule {
     config: Config,
 }
 
-fn user_key(user: i64) -> String {
-    format!("user:{user}")
+/// A state key, `<prefix><id>`, made on the stack: keys are made on every transaction, and
+/// `format!` (an allocation and the formatting machinery) cost more than the lookup.
+struct Key {
+    buf: [u8; 32],
+    len: usize,
 }
 
-fn tx_key(tx: i64) -> String {
-    format!("tx:{tx}")
+impl Key {
+    fn new(prefix: &str, id: i64) -> Key {
+        let mut buf = [0u8; 32];
+        buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        let mut len = prefix.len();
+        if id < 0 {
+            buf[len] = b'-';
+            len += 1;
+        }
+        let mut digits = [0u8; 20];
+        let (mut n, mut count) = (id.unsigned_abs(), 0);
+        loop {
+            digits[count] = b'0' + (n % 10) as u8;
+            count += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in digits[..count].iter().rev() {
+            buf[len] = d;
+            len += 1;
+        }
+        Key { buf, len }
+    }
 }
 
-fn alert_key(tx: i64) -> String {
-    format!("alert:{tx}")
+impl std::ops::Deref for Key {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII")
+    }
+}
+
+fn user_key(user: i64) -> Key {
+    Key::new("user:", user)
+}
+
+fn tx_key(tx: i64) -> Key {
+    Key::new("tx:", tx)
+}
+
+fn alert_key(tx: i64) -> Key {
+    Key::new("alert:", tx)
 }
 
 fn adjust(user: i64, count: i64, amount: f64) {
@@ -337,3 +378,17 @@ impl Plugin for FraudRule {
 }
 
 weir_plugin_sdk::export_plugin!(FraudRule);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_read_as_format_writes_them() {
+        for id in [0, 7, -7, 42, 1_000_000_007, i64::MAX, i64::MIN] {
+            assert_eq!(&*user_key(id), format!("user:{id}"));
+            assert_eq!(&*tx_key(id), format!("tx:{id}"));
+            assert_eq!(&*alert_key(id), format!("alert:{id}"));
+        }
+    }
+}

@@ -151,9 +151,18 @@ impl Document {
     /// decides.
     fn from_host(json: String) -> Result<Document, String> {
         let text = json.into_boxed_str();
-        match Members::scan(&text, Span::all(&text)) {
-            Some(top) => Ok(Document::of(text, top)),
-            None => Document::from_string(text.into_string()),
+        let b = text.as_bytes();
+        let mut inner = [None, None];
+        match Members::scan_path(b, 0, &["_meta", "source"], &mut inner) {
+            Some((top, end)) if b[end..].iter().all(u8::is_ascii_whitespace) => {
+                let [meta, source] = inner;
+                let mut doc = Document::of(text, top);
+                // `_meta` and its `source` were found by the same scan.
+                doc.source = OnceCell::from(meta.as_ref().and(source));
+                doc.meta = OnceCell::from(meta);
+                Ok(doc)
+            }
+            _ => Document::from_string(text.into_string()),
         }
     }
 
@@ -308,7 +317,9 @@ enum Name {
 struct Members {
     names: Vec<Name>,
     values: Vec<Span>,
-    decoded: Vec<OnceCell<Value>>,
+    /// Decoded values, allocated on the first decode (most reads take numbers and plain
+    /// strings straight from the text).
+    decoded: OnceCell<Box<[OnceCell<Value>]>>,
 }
 
 impl Members {
@@ -327,11 +338,10 @@ impl Members {
         };
         de.end()?;
         let (names, values): (Vec<Name>, Vec<Span>) = found.into_iter().unzip();
-        let decoded = vec![OnceCell::new(); values.len()];
         Ok(Some(Members {
             names,
             values,
-            decoded,
+            decoded: OnceCell::new(),
         }))
     }
 
@@ -348,7 +358,8 @@ impl Members {
     }
 
     fn value(&self, text: &str, i: usize) -> &Value {
-        self.decoded[i]
+        self.decoded
+            .get_or_init(|| vec![OnceCell::new(); self.values.len()].into_boxed_slice())[i]
             .get_or_init(|| serde_json::from_str(self.raw(text, i)).unwrap_or(Value::Null))
     }
 
@@ -384,13 +395,28 @@ impl Members {
     /// anything but an object, or a name with escapes (left to `parse`).
     fn scan(text: &str, span: Span) -> Option<Members> {
         let b = text.as_bytes().get(..span.end)?;
+        Members::scan_path(b, span.start, &[], &mut []).map(|(members, _)| members)
+    }
+
+    /// [`Members::scan`] of the object starting at `start` (after any whitespace), which
+    /// also scans, on the way, the object under the member path `path` (`["_meta",
+    /// "source"]`: `inner[0]` gets `_meta`'s members, `inner[1]` its `source`'s; `None`
+    /// where the member is absent or not an object; the last one where a name repeats).
+    /// So a document is read once, not once per level. Returns the members and where
+    /// the object ends.
+    fn scan_path(
+        b: &[u8],
+        start: usize,
+        path: &[&str],
+        inner: &mut [Option<Members>],
+    ) -> Option<(Members, usize)> {
         let skip_ws = |mut i: usize| {
             while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
                 i += 1;
             }
             i
         };
-        let mut i = skip_ws(span.start);
+        let mut i = skip_ws(start);
         if b.get(i) != Some(&b'{') {
             return None;
         }
@@ -411,24 +437,41 @@ impl Members {
             if escaped {
                 return None;
             }
-            names.push(Name::At(Span {
+            let name = Span {
                 start: i + 1,
                 end: close,
-            }));
+            };
+            names.push(Name::At(name));
             i = skip_ws(close + 1);
             if b.get(i) != Some(&b':') {
                 return None;
             }
             let start = skip_ws(i + 1);
-            i = value_end(b, start)?;
+            i = match path.first() {
+                Some(&on_path) if &b[name.start..name.end] == on_path.as_bytes() => {
+                    // A later member of that name replaces what an earlier one found.
+                    inner.iter_mut().for_each(|m| *m = None);
+                    if b.get(start) == Some(&b'{') {
+                        let (found, end) =
+                            Members::scan_path(b, start, &path[1..], &mut inner[1..])?;
+                        inner[0] = Some(found);
+                        end
+                    } else {
+                        value_end(b, start)?
+                    }
+                }
+                _ => value_end(b, start)?,
+            };
             values.push(Span { start, end: i });
         }
-        let decoded = vec![OnceCell::new(); values.len()];
-        Some(Members {
-            names,
-            values,
-            decoded,
-        })
+        Some((
+            Members {
+                names,
+                values,
+                decoded: OnceCell::new(),
+            },
+            i + 1,
+        ))
     }
 }
 
@@ -833,17 +876,34 @@ mod tests {
     #[test]
     fn a_host_document_reads_as_the_parsed_one() {
         let plain = r#"{"transaction_id":42,"amount":"125.50","note":"a \"q\"","_meta":{"op":"c","source":{"table":"transactions","lsn":"0/1"}}}"#;
-        for text in [plain, INSERT] {
+        // `_meta` and `source` are found in the same pass as the top level: every shape
+        // reads as the parse reads it (the last of a repeated name, not an object,
+        // missing, names with escapes, nested objects and strings holding braces).
+        let shapes = [
+            r#"{"_meta":{"op":"c","source":{"table":"a"}},"_meta":{"op":"d","source":{"table":"b"}}}"#,
+            r#"{"_meta":{"op":"c","source":{"table":"a"}},"_meta":{"op":"d"}}"#,
+            r#"{"_meta":{"op":"c","source":{"table":"a"}},"_meta":7}"#,
+            r#"{"_meta":{"op":"u","source":"t","before":{"source":{"table":"x"}}}}"#,
+            r#"{"_meta":{"before":{"a":"}{"},"source":{"ta\u0062le":"t","table":"u"},"op":"r"}}"#,
+            r#"{"x":{"_meta":{"op":"c"}},"_meta":{"source":{"lsn":"0/2","table":"t"},"op":"t"}} "#,
+            r#"{"a":1}"#,
+        ];
+        for text in [plain, INSERT].into_iter().chain(shapes) {
             let scanned = Document::from_host(text.to_string()).unwrap();
             let parsed = Document::parse(text).unwrap();
             assert_eq!(scanned.as_map(), parsed.as_map());
             for name in parsed.as_map().keys() {
                 assert_eq!(scanned.get(name), parsed.get(name), "{name}");
             }
-            assert_eq!(scanned.table(), parsed.table());
-            assert_eq!(scanned.op(), parsed.op());
-            assert_eq!(scanned.lsn(), parsed.lsn());
+            assert_eq!(scanned.table(), parsed.table(), "{text}");
+            assert_eq!(scanned.op(), parsed.op(), "{text}");
+            assert_eq!(scanned.lsn(), parsed.lsn(), "{text}");
+            assert_eq!(scanned.before(), parsed.before(), "{text}");
         }
+        let first = Document::from_host(shapes[0].to_string()).unwrap();
+        assert_eq!((first.op(), first.table()), (Some(Op::Delete), Some("b")));
+        let escaped = Document::from_host(shapes[4].to_string()).unwrap();
+        assert_eq!(escaped.table(), Some("u"));
         assert!(Document::from_host("[1]".into()).is_err());
     }
 
