@@ -59,6 +59,10 @@ pub enum BenchCommand {
         /// Transactions they are spread over.
         #[arg(long, default_value_t = 1000)]
         transactions: u64,
+        /// Throughput rounds, each a fresh workload drained by both in alternating order;
+        /// the median ratio is the result.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
         /// Single-row transactions per second for the latency run.
         #[arg(long, default_value_t = 5000)]
         rate: u64,
@@ -103,6 +107,7 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
         BenchCommand::E2e {
             rows,
             transactions,
+            runs,
             rate,
             seconds,
             big_rows,
@@ -112,6 +117,7 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
                 super::bench_e2e::run(
                     rows,
                     transactions.max(1),
+                    runs.max(1),
                     rate.max(1),
                     seconds.max(1),
                     big_rows,

@@ -110,6 +110,53 @@ fn weir_run(exe: &Path, config: &Path, until: Lsn) -> Command {
     c
 }
 
+/// What one throughput round measured.
+struct Round {
+    baseline: Measured,
+    ours: Measured,
+}
+
+/// Inserts `rows` in `transactions`, then drains them with pg_recvlogical (from a slot
+/// made just before, so it decodes exactly this workload) and with `weir run`.
+fn throughput_round(
+    pg: &LocalPostgres,
+    exe: &Path,
+    config_file: &Path,
+    rows: u64,
+    transactions: u64,
+    weir_first: bool,
+) -> Result<Round> {
+    pg.psql(
+        "bench",
+        "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')",
+    )?;
+    eprintln!("inserting {rows} transactions in {transactions} SQL transactions...");
+    insert(pg, rows, transactions)?;
+    let until = now_lsn(pg)?;
+    let mut recv = pg.command("pg_recvlogical");
+    recv.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(["-d", "bench", "--slot", "bench_recvlogical", "--start"])
+    .args(["-o", "proto_version=1", "-o", "publication_names=weir"])
+    .args(["-E", &until.to_string(), "-f", "/dev/null", "--no-loop"])
+    .env("PGPASSWORD", SUPERUSER_PASSWORD);
+    let (baseline, ours) = if weir_first {
+        let ours = measure(weir_run(exe, config_file, until))?;
+        (measure(recv)?, ours)
+    } else {
+        let baseline = measure(recv)?;
+        (baseline, measure(weir_run(exe, config_file, until))?)
+    };
+    drop_slot(pg, "bench_recvlogical")?;
+    Ok(Round { baseline, ours })
+}
+
 fn pct(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
@@ -118,6 +165,7 @@ fn pct(sorted: &[u32], p: f64) -> u32 {
 pub fn run(
     rows: u64,
     transactions: u64,
+    runs: u32,
     rate_per_s: u64,
     seconds: u64,
     big_rows: u64,
@@ -145,63 +193,69 @@ pub fn run(
         weir::datagen::prepare(&client, &settings).await?;
         anyhow::Ok(())
     })?;
-    // Slot, publication, backfill of the users, tables: before the workload.
-    let first = measure(weir_run(&exe, &config_file, now_lsn(&pg)?))?;
-    eprintln!("pipeline set up in {:.1} s", first.seconds);
-    pg.psql(
-        "bench",
-        "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')",
-    )?;
 
-    // 1. Throughput.
-    eprintln!("inserting {rows} transactions in {transactions} SQL transactions...");
-    insert(&pg, rows, transactions)?;
-    let until = now_lsn(&pg)?;
-    let mut recv = pg.command("pg_recvlogical");
-    recv.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-    ])
-    .args(["-d", "bench", "--slot", "bench_recvlogical", "--start"])
-    .args(["-o", "proto_version=1", "-o", "publication_names=weir"])
-    .args(["-E", &until.to_string(), "-f", "/dev/null", "--no-loop"])
-    .env("PGPASSWORD", SUPERUSER_PASSWORD);
-    let baseline = measure(recv)?;
-    let ours = measure(weir_run(&exe, &config_file, until))?;
+    // 1. Throughput: `runs` rounds, each a fresh workload drained by both, in alternating
+    // order (the second reader finds the WAL the first warmed); the median ratio decides.
+    // Every round starts as the first does: an empty `transactions`, a new slot and lake.
+    // (A slot that `weir run --until` left keeps its restart point up to a third of a
+    // workload back, which the next round's walsender would decode again.)
+    let mut ratios = Vec::new();
+    let mut rss_kib = 0;
+    for round in 1..=runs {
+        if round > 1 {
+            pg.psql("bench", "TRUNCATE transactions")?;
+            drop_slot(&pg, "bench_e2e")?;
+            std::fs::remove_dir_all(&lake)?;
+        }
+        // Slot, publication, backfill of the users, tables: before the workload.
+        let first = measure(weir_run(&exe, &config_file, now_lsn(&pg)?))?;
+        eprintln!("pipeline set up in {:.1} s", first.seconds);
+        let r = throughput_round(&pg, &exe, &config_file, rows, transactions, round % 2 == 0)?;
+        let (b, w) = (
+            rows as f64 / r.baseline.seconds,
+            rows as f64 / r.ours.seconds,
+        );
+        println!(
+            "round {round}/{runs}{}: pg_recvlogical (baseline, same WAL) {rows} changes in {:.2} s = \
+             {b:.0} changes/s; weir run (capture -> fraud rule -> Delta replica + fraud_alerts, one \
+             process start to exit) {:.2} s = {w:.0} changes/s, {:.2}x, peak RSS {} MiB",
+            if round % 2 == 0 { ", weir first" } else { "" },
+            r.baseline.seconds,
+            r.ours.seconds,
+            w / b,
+            r.ours.max_rss_kib / 1024,
+        );
+        // CPU is steadier than wall time on a shared machine: compare changes by it too.
+        println!(
+            "  CPU: weir run {:.2} s ({:.1} us per change), its walsender {:.2} s; pg_recvlogical \
+             {:.2} s, its walsender {:.2} s",
+            r.ours.cpu,
+            1e6 * r.ours.cpu / rows as f64,
+            r.ours.walsender_cpu,
+            r.baseline.cpu,
+            r.baseline.walsender_cpu,
+        );
+        ratios.push(w / b);
+        rss_kib = rss_kib.max(r.ours.max_rss_kib);
+    }
+    // The last round's workload and lake.
     let alerts = pg.psql(
         "bench",
         "SELECT count(*) FROM transactions WHERE amount = 5000",
     )?;
     let flagged = rt.block_on(flagged_count(&lake))?;
-    let (b, w) = (rows as f64 / baseline.seconds, rows as f64 / ours.seconds);
-    println!(
-        "pg_recvlogical (baseline, same WAL): {rows} changes in {:.2} s = {b:.0} changes/s",
-        baseline.seconds
+    let (low, high) = (
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(0.0, f64::max),
     );
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "weir run (capture -> fraud rule -> Delta replica + fraud_alerts, one process start to \
-         exit): {rows} changes in {:.2} s = {w:.0} changes/s, {:.2}x pg_recvlogical (target >= 1.0x), \
-         peak RSS {} MiB; {flagged} anomalies flagged of {} injected",
-        ours.seconds,
-        w / b,
-        ours.max_rss_kib / 1024,
+        "weir run / pg_recvlogical: median {:.2}x over {runs} rounds (range {low:.2}x-{high:.2}x; \
+         target >= 1.0x), peak RSS {} MiB; last round: {flagged} anomalies flagged of {} injected",
+        ratios[ratios.len() / 2],
+        rss_kib / 1024,
         alerts.trim()
     );
-    // CPU is steadier than wall time on a shared machine: compare changes by it too.
-    println!(
-        "CPU: weir run {:.2} s ({:.1} us per change), its walsender {:.2} s; pg_recvlogical \
-         {:.2} s, its walsender {:.2} s",
-        ours.cpu,
-        1e6 * ours.cpu / rows as f64,
-        ours.walsender_cpu,
-        baseline.cpu,
-        baseline.walsender_cpu,
-    );
-    drop_slot(&pg, "bench_recvlogical")?;
 
     // 2. One large transaction: peak memory.
     if big_rows > 0 {
