@@ -146,12 +146,41 @@ impl KeySet {
         self.len() == 0
     }
 
-    /// A set for a table's keys, with room for as many hashed ones again.
+    /// A set of `keys`, with room for as many hashed ones again.
+    #[cfg(test)]
     fn of(keys: &[KeyId]) -> KeySet {
-        let hashed = keys.iter().filter(|k| matches!(k, KeyId::Hash(_))).count();
-        let mut set = KeySet::with_capacity(hashed * 2);
-        for &k in keys {
-            set.insert(k);
+        let mut builder = KeySetBuilder::default();
+        builder.extend(keys.iter().copied());
+        builder.finish()
+    }
+}
+
+/// Gathers a table's keys for a [`KeySet`]: integers straight into the set, hashes
+/// until their count (which sizes the filter) is known.
+#[derive(Default)]
+struct KeySetBuilder {
+    ints: roaring::RoaringTreemap,
+    hashes: Vec<u64>,
+}
+
+impl KeySetBuilder {
+    fn extend(&mut self, keys: impl IntoIterator<Item = KeyId>) {
+        for k in keys {
+            match k {
+                KeyId::Int(v) => {
+                    self.ints.insert(v);
+                }
+                KeyId::Hash(h) => self.hashes.push(h),
+            }
+        }
+    }
+
+    /// The set, with room for as many hashed keys again.
+    fn finish(self) -> KeySet {
+        let mut set = KeySet::with_capacity(self.hashes.len() * 2);
+        set.ints = self.ints;
+        for h in self.hashes {
+            set.insert(KeyId::Hash(h));
         }
         set
     }
@@ -862,61 +891,79 @@ impl LakeTable {
     }
 
     /// The keys ([`row_keys`]) of every row of the key `columns`, each cast to its type in
-    /// `schema`.
+    /// `schema`. Read batch by batch, into the set: the key column is never held whole.
     pub async fn row_key_hashes(
         &mut self,
         columns: &[String],
         schema: &Schema,
     ) -> Result<KeySet, DeltaError> {
-        self.fresh().await?;
-        let mut out = Vec::new();
-        let Some(table) = self.table.as_ref() else {
-            return Ok(KeySet::of(&out));
-        };
         let list: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-        let batches = self
-            .query(table, &format!("SELECT {} FROM t", list.join(", ")))
-            .await?;
+        let name = self.name.clone();
         let arrow = |source| DeltaError::Arrow {
-            table: self.name.clone(),
+            table: name.clone(),
             source,
         };
-        for b in &batches {
+        let mut keys = KeySetBuilder::default();
+        self.for_each_batch(&format!("SELECT {} FROM t", list.join(", ")), |b| {
             let mut cols = Vec::new();
             for (i, name) in columns.iter().enumerate() {
                 let ty = schema.field_with_name(name).map_err(arrow)?.data_type();
                 cols.push(deltalake::arrow::compute::cast(b.column(i), ty).map_err(arrow)?);
             }
-            out.extend(row_keys(&cols).map_err(arrow)?);
-        }
-        Ok(KeySet::of(&out))
+            keys.extend(row_keys(&cols).map_err(arrow)?);
+            Ok(())
+        })
+        .await?;
+        Ok(keys.finish())
     }
 
     /// The keys ([`key_id`]) of every value of the string column `column`.
     pub async fn key_hashes(&mut self, column: &str) -> Result<KeySet, DeltaError> {
         use deltalake::arrow::array::{Array, StringArray};
-        self.fresh().await?;
-        let mut out = Vec::new();
-        let Some(table) = self.table.as_ref() else {
-            return Ok(KeySet::of(&out));
-        };
-        let batches = self
-            .query(table, &format!("SELECT {} FROM t", quote(column)))
-            .await?;
-        for b in &batches {
+        let name = self.name.clone();
+        let mut keys = KeySetBuilder::default();
+        self.for_each_batch(&format!("SELECT {} FROM t", quote(column)), |b| {
             let col = deltalake::arrow::compute::cast(
                 b.column(0),
                 &deltalake::arrow::datatypes::DataType::Utf8,
             )
             .map_err(|source| DeltaError::Arrow {
-                table: self.name.clone(),
+                table: name.clone(),
                 source,
             })?;
             if let Some(values) = col.as_any().downcast_ref::<StringArray>() {
-                out.extend(values.iter().flatten().map(key_id));
+                keys.extend(values.iter().flatten().map(key_id));
             }
+            Ok(())
+        })
+        .await?;
+        Ok(keys.finish())
+    }
+
+    /// Runs `sql` over the table (registered as `t`), handing each result batch to `f` as
+    /// it is read; nothing for a table not created yet.
+    async fn for_each_batch(
+        &mut self,
+        sql: &str,
+        mut f: impl FnMut(&RecordBatch) -> Result<(), DeltaError>,
+    ) -> Result<(), DeltaError> {
+        use futures_util::StreamExt as _;
+        self.fresh().await?;
+        let Some(table) = self.table.as_ref() else {
+            return Ok(());
+        };
+        let reading =
+            |e: deltalake::datafusion::error::DataFusionError| self.err("reading", e.into());
+        let mut stream = self
+            .frame(table, sql)
+            .await?
+            .execute_stream()
+            .await
+            .map_err(reading)?;
+        while let Some(batch) = stream.next().await {
+            f(&batch.map_err(reading)?)?;
         }
-        Ok(KeySet::of(&out))
+        Ok(())
     }
 
     /// Every row matching `filter` (SQL over the table's columns; all rows without one),
@@ -938,6 +985,19 @@ impl LakeTable {
 
     /// Runs `sql` over `table` (registered as `t`).
     async fn query(&self, table: &DeltaTable, sql: &str) -> Result<Vec<RecordBatch>, DeltaError> {
+        self.frame(table, sql)
+            .await?
+            .collect()
+            .await
+            .map_err(|e| self.err("reading", e.into()))
+    }
+
+    /// `sql` over `table` (registered as `t`), planned, not run.
+    async fn frame(
+        &self,
+        table: &DeltaTable,
+        sql: &str,
+    ) -> Result<deltalake::datafusion::dataframe::DataFrame, DeltaError> {
         let ctx = SessionContext::new();
         let reading =
             |e: deltalake::datafusion::error::DataFusionError| self.err("reading", e.into());
@@ -949,12 +1009,7 @@ impl LakeTable {
             .await
             .map_err(|e| self.err("reading", e.into()))?;
         ctx.register_table("t", provider).map_err(reading)?;
-        ctx.sql(sql)
-            .await
-            .map_err(reading)?
-            .collect()
-            .await
-            .map_err(reading)
+        ctx.sql(sql).await.map_err(reading)
     }
 
     /// Runs `sql` over `table` (registered as `t`); rows as JSON objects in Arrow's JSON
