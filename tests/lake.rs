@@ -1003,6 +1003,8 @@ async fn quick_appends_write_a_complete_log_with_checkpoints_and_statistics() {
     assert_eq!(t.rows(Some("v >= 100")).await.unwrap().len(), 6);
     assert_eq!(t.delta_version(), Some(12));
 
+    // Checkpoints are written in the background; a run ends by waiting for them.
+    t.settle().await.unwrap();
     let log = dir.path().join("lake/t/_delta_log");
     for v in [4, 9] {
         let cp = log.join(format!("{v:020}.checkpoint.parquet"));

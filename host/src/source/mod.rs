@@ -145,6 +145,17 @@ impl ServerProgress {
 impl Capture {
     /// Checks the server, sets up publication and slot, and starts capturing. Problems with
     /// the server or the configuration are reported here, before any event.
+    /// The configured tables as the server describes them (with their primary keys),
+    /// without starting anything: for work that should precede the stream.
+    pub async fn describe_tables(
+        cfg: &SourceConfig,
+    ) -> Result<Vec<relation::TableInfo>, SourceError> {
+        install_crypto_provider();
+        let settings = ConnectionSettings::from_config(cfg)?;
+        let client = settings.connect_sql().await?;
+        setup::find_tables(&client, cfg, &settings.database).await
+    }
+
     pub async fn start(cfg: &SourceConfig, opts: CaptureOptions) -> Result<Capture, SourceError> {
         install_crypto_provider();
         let settings = ConnectionSettings::from_config(cfg)?;
