@@ -143,8 +143,6 @@ impl ServerProgress {
 }
 
 impl Capture {
-    /// Checks the server, sets up publication and slot, and starts capturing. Problems with
-    /// the server or the configuration are reported here, before any event.
     /// The configured tables as the server describes them (with their primary keys),
     /// without starting anything: for work that should precede the stream.
     pub async fn describe_tables(
@@ -156,6 +154,8 @@ impl Capture {
         setup::find_tables(&client, cfg, &settings.database).await
     }
 
+    /// Checks the server, sets up publication and slot, and starts capturing. Problems with
+    /// the server or the configuration are reported here, before any event.
     pub async fn start(cfg: &SourceConfig, opts: CaptureOptions) -> Result<Capture, SourceError> {
         install_crypto_provider();
         let settings = ConnectionSettings::from_config(cfg)?;

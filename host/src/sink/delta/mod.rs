@@ -367,13 +367,23 @@ impl DeltaSink {
             let Some(t) = self.tables.get_mut(&key) else {
                 continue;
             };
-            let keys: Vec<String> = info.primary_key.iter().map(|k| k.to_string()).collect();
             let Some(target) = t.replica.arrow_schema() else {
                 continue;
             };
-            if keys.is_empty() || !keys.iter().all(|k| target.field_with_name(k).is_ok()) {
+            // In column order, as a relation lists its key columns.
+            let Ok(mut keys) = info
+                .primary_key
+                .iter()
+                .map(|k| target.index_of(k).map(|i| (i, k.to_string())))
+                .collect::<Result<Vec<_>, _>>()
+            else {
+                continue;
+            };
+            if keys.is_empty() {
                 continue;
             }
+            keys.sort();
+            let keys: Vec<String> = keys.into_iter().map(|(_, k)| k).collect();
             load_known_keys(&mut t.replica, &keys, &target).await?;
         }
         Ok(())
