@@ -199,6 +199,25 @@ fn walsender_cpu() -> std::collections::HashMap<u32, f64> {
 
 /// Runs a command to completion, measuring wall time, its peak RSS (from wait4) and the
 /// CPU time of the walsender serving it (sampled from /proc while it runs).
+/// The baseline of the benchmarks: `pg_recvlogical` draining slot `bench_recvlogical`
+/// (pgoutput, publication `weir`) up to `until`, into `/dev/null`.
+pub(super) fn pg_recvlogical(pg: &LocalPostgres, until: &str) -> Command {
+    let mut recv = pg.command("pg_recvlogical");
+    recv.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(["-d", "bench", "--slot", "bench_recvlogical", "--start"])
+    .args(["-o", "proto_version=1", "-o", "publication_names=weir"])
+    .args(["-E", until, "-f", "/dev/null", "--no-loop"])
+    .env("PGPASSWORD", weir::local_postgres::SUPERUSER_PASSWORD);
+    recv
+}
+
 pub(super) fn measure(mut cmd: Command) -> Result<Measured> {
     let before: std::collections::HashSet<u32> = walsender_cpu().into_keys().collect();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -321,34 +340,7 @@ fn capture(rows: u64, transactions: u64, weir_first: bool) -> Result<f64> {
     }
     let end = pg.psql("bench", "SELECT pg_current_wal_insert_lsn()")?;
 
-    let mut recv = pg.command("pg_recvlogical");
-    recv.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-d",
-        "bench",
-    ])
-    .args([
-        "--slot",
-        "bench_recvlogical",
-        "--start",
-        "-o",
-        "proto_version=1",
-    ])
-    .args([
-        "-o",
-        "publication_names=weir",
-        "-E",
-        &end,
-        "-f",
-        "/dev/null",
-        "--no-loop",
-    ])
-    .env("PGPASSWORD", weir::local_postgres::SUPERUSER_PASSWORD);
+    let recv = pg_recvlogical(&pg, &end);
     let drain_weir = || {
         eprintln!("draining with weir capture...");
         measure(weir_cmd(Some(&end)))

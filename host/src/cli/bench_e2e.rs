@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 
 use weir::Lsn;
 use weir::config::{Config, LakeConfig, PluginConfig, SourceConfig, TlsMode};
-use weir::local_postgres::{LocalPostgres, SUPERUSER_PASSWORD};
+use weir::local_postgres::LocalPostgres;
 use weir::pipeline::RunOptions;
 
 use super::bench::{Measured, measure};
@@ -133,19 +133,7 @@ fn throughput_round(
     eprintln!("inserting {rows} transactions in {transactions} SQL transactions...");
     insert(pg, rows, transactions)?;
     let until = now_lsn(pg)?;
-    let mut recv = pg.command("pg_recvlogical");
-    recv.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-    ])
-    .args(["-d", "bench", "--slot", "bench_recvlogical", "--start"])
-    .args(["-o", "proto_version=1", "-o", "publication_names=weir"])
-    .args(["-E", &until.to_string(), "-f", "/dev/null", "--no-loop"])
-    .env("PGPASSWORD", SUPERUSER_PASSWORD);
+    let recv = super::bench::pg_recvlogical(pg, &until.to_string());
     let (baseline, ours) = if weir_first {
         let ours = measure(weir_run(exe, config_file, until))?;
         (measure(recv)?, ours)

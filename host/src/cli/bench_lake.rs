@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 use weir::Lsn;
 use weir::config::{Config, LakeConfig, SourceConfig, TlsMode};
-use weir::local_postgres::{LocalPostgres, SUPERUSER_PASSWORD};
+use weir::local_postgres::LocalPostgres;
 use weir::pipeline::{RunOptions, RunStats};
 
 const SCHEMA: &str = "CREATE TABLE transactions (transaction_id bigserial PRIMARY KEY, \
@@ -129,20 +129,8 @@ pub async fn throughput(
     let until = now_lsn(&pg)?;
 
     let started = Instant::now();
-    let mut recv = pg.command("pg_recvlogical");
-    recv.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-    ])
-    .args(["-d", "bench", "--slot", "bench_recvlogical", "--start"])
-    .args(["-o", "proto_version=1", "-o", "publication_names=weir"])
-    .args(["-E", &until.to_string(), "-f", "/dev/null", "--no-loop"])
-    .env("PGPASSWORD", SUPERUSER_PASSWORD)
-    .stdout(Stdio::null());
+    let mut recv = super::bench::pg_recvlogical(&pg, &until.to_string());
+    recv.stdout(Stdio::null());
     let status = tokio::task::spawn_blocking(move || recv.status()).await??;
     if !status.success() {
         bail!("pg_recvlogical failed: {status}");
