@@ -356,3 +356,40 @@ fn datagen_anomalies_are_found_by_the_fraud_rule() {
         covered.len()
     );
 }
+
+#[test]
+fn capture_to_standard_output_never_touches_a_pipelines_slot() {
+    let db = TestDb::new("clistdout");
+    db.sql(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1); \
+         SELECT pg_create_logical_replication_slot('weir', 'pgoutput');",
+    );
+    let slot_before = db.sql("SELECT confirmed_flush_lsn FROM pg_replication_slots");
+    db.sql("INSERT INTO t VALUES (2)");
+    let until = db.sql("SELECT pg_current_wal_insert_lsn()");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&db, dir.path(), &["t"]);
+    let out = weir()
+        .args(["capture", "--config"])
+        .arg(&config)
+        .args(["--until", &until])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ids: Vec<i64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, [1, 2]);
+    // The pipeline's slot is where it was; the capture's temporary slot is gone.
+    assert_eq!(
+        db.sql("SELECT slot_name || ' ' || confirmed_flush_lsn FROM pg_replication_slots"),
+        format!("weir {slot_before}")
+    );
+}

@@ -563,10 +563,11 @@ impl Config {
             ));
         }
         for table in lake.tables.keys() {
-            let known = src
-                .tables
-                .iter()
-                .any(|t| t == table || (!t.contains('.') && format!("public.{t}") == *table));
+            let known = src.tables.iter().any(|t| {
+                t == table
+                    || (!t.contains('.') && format!("public.{t}") == *table)
+                    || crate::relation::TableInfo::offline(t, 0).display() == *table
+            });
             if !known {
                 return Err(invalid(format!(
                     "[lake.tables.\"{table}\"] names a table that is not in source.tables; write it as `schema.table`"

@@ -38,6 +38,9 @@ pub enum Op {
 /// Where and when a change happened in the source database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
+    /// OID of the table (the identity the sinks route by; not part of the JSON form, 0 in
+    /// a document read back from JSON).
+    pub oid: u32,
     /// Schema of the table.
     pub schema: Arc<str>,
     /// Table name.
@@ -166,6 +169,7 @@ mod tests {
             op: Op::Update,
             columns: vec![("id".into(), json!(1)), ("amount".into(), json!("10.50"))],
             source: Source {
+                oid: 0,
                 schema: "public".into(),
                 table: "transactions".into(),
                 lsn: Lsn(0x16B3748),

@@ -12,6 +12,8 @@
 //! - [`source`]: connects, sets up publication and slot, backfills, streams, acknowledges.
 //! - [`decode`]: pgoutput messages and the text form of values, never panicking on input.
 //! - [`document`]: the change document every later stage sees.
+//! - [`relation`]: a source table's identity (oid, schema, name) and shape, resolved once
+//!   and shared by the capture and the sinks.
 //! - [`plugin`]: the WASM plugin host (wasmtime, component model), sandboxed and limited.
 //! - [`sink`]: where documents go: Delta tables (replica, change log) with the source
 //!   position in every commit; JSON lines files for `weir capture`.
@@ -32,6 +34,7 @@ pub mod lsn;
 pub mod pipeline;
 pub mod plugin;
 pub mod query;
+pub mod relation;
 pub mod serve;
 pub mod sink;
 pub mod source;

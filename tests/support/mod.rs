@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub mod lake;
+
 use serde_json::Value;
 use weir::config::SourceConfig;
 use weir::local_postgres::LocalPostgres;

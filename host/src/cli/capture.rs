@@ -68,11 +68,19 @@ pub async fn capture_to(
     until: Option<Lsn>,
 ) -> Result<()> {
     let (mut sink, resume) = JsonLinesSink::open(out, &source.slot)?;
+    // Standard output keeps no position: such a capture runs on a temporary slot of its
+    // own, so that it never takes over (and, starting afresh, drops) a pipeline's slot.
+    let mut source = source.clone();
+    if out.is_none() {
+        source.slot = format!("{}_stdout_{}", source.slot, std::process::id());
+    }
     let opts = CaptureOptions {
         resume,
         stop_at: until,
+        temporary_slot: out.is_none(),
         ..CaptureOptions::default()
     };
+    let source = &source;
     let mut capture = Capture::start(source, opts).await?;
     tracing::info!(slot = %source.slot, ?resume, "capturing");
     // Streams made once: a signal that arrives between two polls is kept, not lost.
@@ -99,6 +107,7 @@ pub async fn capture_to(
             CaptureEvent::BackfillTable {
                 table,
                 estimated_rows,
+                ..
             } => {
                 if let Some(bar) = progress.take() {
                     bar.finish();

@@ -119,7 +119,7 @@ pub async fn lake(command: LakeCommand) -> Result<ExitCode> {
     match command {
         LakeCommand::Optimize { config } => {
             let config = Config::load(&config)?;
-            let mut sink = weir::sink::delta::DeltaSink::open(&config).await?;
+            let mut sink = open_offline(&config).await?;
             for line in sink.optimize().await? {
                 println!("{line}");
             }
@@ -129,11 +129,21 @@ pub async fn lake(command: LakeCommand) -> Result<ExitCode> {
             retention_hours,
         } => {
             let config = Config::load(&config)?;
-            let mut sink = weir::sink::delta::DeltaSink::open(&config).await?;
+            let mut sink = open_offline(&config).await?;
             for line in sink.vacuum(retention_hours).await? {
                 println!("{line}");
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pipeline's lake tables, found without the source database: its table names are
+/// read as PostgreSQL reads identifiers (a name without a schema is taken as `public`).
+async fn open_offline(config: &Config) -> Result<weir::sink::delta::DeltaSink> {
+    let tables: Vec<_> = (1u32..)
+        .zip(&config.source.tables)
+        .map(|(i, t)| weir::relation::TableInfo::offline(t, i))
+        .collect();
+    Ok(weir::sink::delta::DeltaSink::open(config, &tables).await?)
 }

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
@@ -76,50 +75,11 @@ pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline:
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         telemetry: Some(telemetry),
     };
-    let result = run_with_retries(config, opts, stop_rx).await;
+    let result = pipeline::run_with_retries(config, opts, stop_rx).await;
     signals.abort();
     let _ = server_stop_tx.send(true);
     if let Some(server) = server {
         let _ = server.await;
     }
     Ok(result?)
-}
-
-/// First wait before reconnecting after a transient failure; doubled up to the maximum.
-const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Runs the pipeline, starting it again (from what the lake holds) after transient source
-/// failures such as a PostgreSQL restart, with exponential backoff.
-async fn run_with_retries(
-    config: &Config,
-    opts: RunOptions,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<pipeline::RunStats, pipeline::PipelineError> {
-    let mut backoff = FIRST_BACKOFF;
-    let mut total = pipeline::RunStats::default();
-    loop {
-        let started = std::time::Instant::now();
-        match pipeline::run(config, opts.clone(), stop.clone()).await {
-            Ok(stats) => {
-                total.changes += stats.changes;
-                total.batches += stats.batches;
-                total.position = stats.position.or(total.position);
-                return Ok(total);
-            }
-            Err(pipeline::PipelineError::Source(e)) if e.is_retryable() && !*stop.borrow() => {
-                if started.elapsed() > MAX_BACKOFF {
-                    backoff = FIRST_BACKOFF;
-                }
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed; reconnecting");
-                let mut stop = stop.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(total),
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }

@@ -20,12 +20,14 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::document::ChangeDocument;
 use crate::lsn::Lsn;
+use crate::relation::Relation;
 use crate::sink::delta::{DeltaError, DeltaSink, SinkStats};
-use crate::source::relation::Relation;
 use crate::source::{Capture, CaptureEvent, CaptureOptions, Resume, SourceError};
 use crate::telemetry::{Telemetry, count_by_table};
 
 mod plugins;
+mod retry;
+pub use retry::run_with_retries;
 
 use plugins::{PluginBatch, PluginStage};
 
@@ -187,8 +189,8 @@ fn approximate_size(doc: &ChangeDocument) -> usize {
 enum Job {
     /// A table's new shape.
     Schema(Arc<Relation>),
-    /// A table's backfill starts.
-    BeginBackfill(String),
+    /// A table's backfill starts (its OID).
+    BeginBackfill(u32),
     /// Changes to write; with a position, recorded with them (and, with `complete`, in
     /// every table: the end of the backfill).
     Write {
@@ -230,11 +232,11 @@ fn spawn_sink(
     let task = runtime.spawn(async move {
         while let Some(job) = jobs.recv().await {
             let result = match job {
-                Job::Schema(rel) => {
-                    sink.schema(rel);
-                    continue;
-                }
-                Job::BeginBackfill(table) => sink.begin_backfill(&table).await.map(|()| None),
+                Job::Schema(rel) => match sink.schema(rel) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                },
+                Job::BeginBackfill(oid) => sink.begin_backfill(oid).await.map(|()| None),
                 Job::Write {
                     docs,
                     position,
@@ -250,6 +252,9 @@ fn spawn_sink(
                         r = sink
                             .write_plugin_batch(&b.outputs, &b.dead_letters, &b.state, position)
                             .await;
+                    }
+                    if let (Ok(()), Some(p)) = (&r, position) {
+                        r = sink.close_parts(p).await;
                     }
                     r.map(|()| {
                         let now = unix_ms();
@@ -496,7 +501,9 @@ pub async fn run(
     let max_rows = config.lake.max_batch_rows;
     let max_bytes = config.lake.max_batch_bytes;
     let part_rows = config.lake.part_rows;
-    let mut sink = DeltaSink::open(config).await?;
+    // The tables' one identity, from the catalog: the lake's tables are opened for it.
+    let tables = Capture::describe_tables(&config.source).await?;
+    let mut sink = DeltaSink::open(config, &tables).await?;
     let resume = sink.resume();
     tracing::info!(lake = %config.lake.url, ?resume, tables = ?sink.positions(), "lake opened");
     let plugins = if config.plugins.is_empty() {
@@ -510,7 +517,6 @@ pub async fn run(
     if resume != Resume::Fresh {
         // Which keys the replicas hold is read now, before the stream starts, rather than
         // on its first changes (5,000,000 keys: 0.6 s that the first commits would wait).
-        let tables = Capture::describe_tables(&config.source).await?;
         sink.preload_keys(&tables).await?;
     }
     let mut capture = Capture::start(
@@ -522,6 +528,8 @@ pub async fn run(
         },
     )
     .await?;
+    // The slot is ours now: what an unfinished transaction left in the lake can go.
+    sink.repair().await?;
     if let Some(t) = &opts.telemetry {
         t.started(capture.progress());
     }
@@ -588,9 +596,9 @@ pub async fn run(
             let Some(ev) = ev else { break };
             match ev {
                 CaptureEvent::Schema(rel) => link.send(Job::Schema(rel)).await?,
-                CaptureEvent::BackfillTable { table, .. } => {
+                CaptureEvent::BackfillTable { oid, .. } => {
                     link.write_part(&mut batch).await?;
-                    link.send(Job::BeginBackfill(table)).await?;
+                    link.send(Job::BeginBackfill(oid)).await?;
                 }
                 CaptureEvent::Change(doc) => {
                     batch.push(doc);
@@ -598,7 +606,7 @@ pub async fn run(
                     // whole, is written as it comes (the complete transactions before
                     // it first, with their position). The lake may show the part
                     // before the transaction's commit is written; a replay rewrites
-                    // it (see `DeltaSink::open`).
+                    // it (see `DeltaSink::repair`).
                     if batch.open_rows() >= part_rows.min(max_rows)
                         || (batch.open_rows() > 0 && batch.bytes >= max_bytes)
                     {

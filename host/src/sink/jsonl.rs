@@ -316,6 +316,7 @@ mod tests {
             op: Op::Insert,
             columns: vec![("id".into(), serde_json::json!(i))],
             source: Source {
+                oid: 0,
                 schema: "public".into(),
                 table: "t".into(),
                 lsn: Lsn(i as u64),

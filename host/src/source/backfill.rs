@@ -8,18 +8,19 @@ use pgwire_replication::ReplicationClient;
 
 use super::changes::backfill_row;
 use super::error::SourceError;
-use super::relation::{ColumnInfo, Relation, TableInfo};
 use super::{CaptureEvent, Outbox};
 use crate::decode::TypeRegistry;
 use crate::decode::value::unescape_copy_field;
 use crate::document::{ChangeDocument, Op, Source};
 use crate::lsn::Lsn;
+use crate::relation::{ColumnInfo, Relation, TableInfo};
 
 /// Creates the slot on the (gated) replication session; returns its consistent point and
 /// the exported snapshot's name.
 pub async fn create_slot(
     repl: &mut ReplicationClient,
     slot: &str,
+    temporary: bool,
 ) -> Result<(Lsn, String), SourceError> {
     let err = |source| SourceError::Replication {
         slot: slot.to_string(),
@@ -27,7 +28,8 @@ pub async fn create_slot(
     };
     let rows = repl
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+            "CREATE_REPLICATION_SLOT \"{slot}\"{} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            if temporary { " TEMPORARY" } else { "" }
         ))
         .await
         .map_err(err)?;
@@ -49,7 +51,9 @@ pub async fn create_slot(
     Ok((consistent_point, snapshot))
 }
 
-/// Copies every table inside `snapshot` and sends its rows as `r` documents.
+/// Copies every table inside `snapshot` and sends its rows as `r` documents. Returns
+/// `false` when `stop` turned true before the copy was complete (it stops within a chunk
+/// of rows: a shutdown does not wait for the rest of a large table).
 pub async fn copy_tables(
     client: &tokio_postgres::Client,
     snapshot: &str,
@@ -57,7 +61,8 @@ pub async fn copy_tables(
     tables: &[TableInfo],
     types: &TypeRegistry,
     events: &mut Outbox,
-) -> Result<(), SourceError> {
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<bool, SourceError> {
     let q = |context: String| move |source| SourceError::Query { context, source };
     client
         .batch_execute(&format!(
@@ -76,22 +81,28 @@ pub async fn copy_tables(
         let columns = table_columns(client, table, types).await?;
         let estimate = client
             .query_one(
-                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+                // A partitioned table's rows are in its partitions.
+                "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 \
+                 FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid \
+                 WHERE t.isleaf",
                 &[&table.oid],
             )
             .await
             .map_err(q(format!("estimating the size of {}", table.qualified())))?;
         events
             .push(CaptureEvent::BackfillTable {
-                table: format!("{}.{}", table.schema, table.name),
+                oid: table.oid,
+                table: table.display(),
                 estimated_rows: estimate.get::<_, i64>(0) as u64,
             })
             .await?;
         events
             .push(CaptureEvent::Schema(Arc::new(Relation {
+                oid: table.oid,
                 schema: table.schema.clone(),
                 table: table.name.clone(),
                 columns: columns.clone(),
+                multiset: table.multiset(),
             })))
             .await?;
         if columns.is_empty() {
@@ -102,7 +113,13 @@ pub async fn copy_tables(
             .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("COPY {} ({list}) TO STDOUT", table.qualified());
+        // A partitioned table cannot be copied as such; a query over it reads every
+        // partition.
+        let sql = if table.partitioned {
+            format!("COPY (SELECT {list} FROM {}) TO STDOUT", table.qualified())
+        } else {
+            format!("COPY {} ({list}) TO STDOUT", table.qualified())
+        };
         let stream = client.copy_out(sql.as_str()).await.map_err(|e| {
             if e.as_db_error().is_some_and(|d| d.code().code() == "42501") {
                 SourceError::Privilege {
@@ -124,6 +141,10 @@ pub async fn copy_tables(
         let mut pending: Vec<u8> = Vec::new();
         let mut seq = 0u64;
         while let Some(chunk) = stream.next().await {
+            if *stop.borrow() {
+                tracing::info!(table = %table.qualified(), rows = seq, "backfill interrupted by the shutdown");
+                return Ok(false);
+            }
             let chunk = chunk.map_err(q(format!("copying {}", table.qualified())))?;
             pending.extend_from_slice(&chunk);
             let mut start = 0;
@@ -141,6 +162,7 @@ pub async fn copy_tables(
                     op: Op::Read,
                     columns: backfill_row(&columns, &fields),
                     source: Source {
+                        oid: table.oid,
                         schema: table.schema.clone(),
                         table: table.name.clone(),
                         lsn: consistent_point,
@@ -163,7 +185,7 @@ pub async fn copy_tables(
         .batch_execute("COMMIT")
         .await
         .map_err(q("ending the backfill transaction".into()))?;
-    Ok(())
+    Ok(true)
 }
 
 /// The table's columns as of the snapshot (generated columns excluded, as pgoutput does).
@@ -191,12 +213,20 @@ async fn table_columns(
         .into_iter()
         .map(|r| {
             let type_id: u32 = r.get(1);
+            let name: Arc<str> = r.get::<_, String>(0).into();
+            // The same key the stream gives the table (the replica identity index's
+            // columns with USING INDEX).
+            let key = if table.primary_key.is_empty() {
+                r.get(2)
+            } else {
+                table.primary_key.contains(&name)
+            };
             ColumnInfo {
-                name: r.get::<_, String>(0).into(),
+                name,
                 type_id,
                 type_modifier: r.get(3),
                 kind: types.kind(type_id),
-                key: r.get(2),
+                key,
             }
         })
         .collect())

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::relation::{ColumnInfo, Relation};
 use crate::decode::TypeRegistry;
 use crate::decode::pgoutput::{Message, OldKind, TupleValue};
 use crate::decode::value::to_json;
 use crate::document::{ChangeDocument, Op, Row, Source};
 use crate::lsn::Lsn;
+use crate::relation::{ColumnInfo, Relation};
 
 /// Microseconds between 1970-01-01 and 2000-01-01, PostgreSQL's epoch.
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -38,9 +38,15 @@ pub struct Transaction {
 pub struct ChangeBuilder {
     relations: HashMap<u32, Arc<Relation>>,
     types: TypeRegistry,
-    /// Primary key columns by table OID, from the catalog: with `REPLICA IDENTITY FULL`
-    /// pgoutput flags every column as key, but the row's key is still the primary key.
+    /// Primary key columns by OID of every configured table, from the catalog: with
+    /// `REPLICA IDENTITY FULL` pgoutput flags every column as key, but the row's key is
+    /// still the primary key. A relation whose OID is not here is not configured.
     primary_keys: HashMap<u32, Vec<Arc<str>>>,
+    /// Relations of the publication that `source.tables` does not list, and how many of
+    /// their changes were passed over: not wanted (reported once each).
+    unconfigured: HashMap<u32, u64>,
+    /// Accept relations of any table (tests and tools that configure none).
+    any_table: bool,
 }
 
 /// What a decoded message means for the stream.
@@ -61,7 +67,18 @@ impl ChangeBuilder {
             relations: HashMap::new(),
             types,
             primary_keys,
+            unconfigured: HashMap::new(),
+            any_table: false,
         }
+    }
+
+    /// Whether a change of relation `id` is one to deliver; counts those that are not.
+    fn wanted(&mut self, id: u32) -> bool {
+        if self.any_table || self.primary_keys.contains_key(&id) {
+            return true;
+        }
+        *self.unconfigured.entry(id).or_default() += 1;
+        false
     }
 
     /// Applies a message in the context of `txn`.
@@ -74,7 +91,41 @@ impl ChangeBuilder {
                 columns,
                 ..
             } => {
+                if !self.any_table && !self.primary_keys.contains_key(&id) {
+                    // In the publication but not in source.tables (a publication shared
+                    // with other consumers, or a table added to it by hand): not wanted.
+                    // Configured tables are known by OID, so a renamed one still
+                    // matches, and partitions arrive as their root (the publication
+                    // publishes via the partition root).
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        self.unconfigured.entry(id)
+                    {
+                        tracing::warn!(
+                            table = %format!("{namespace}.{name}"),
+                            oid = id,
+                            "the publication sends changes of a table that source.tables does not \
+                             list: they are not captured. Add it to source.tables to capture it, \
+                             or remove it from the publication"
+                        );
+                        e.insert(0);
+                    }
+                    return Ok(Decoded::Nothing);
+                }
+                if let Some(old) = self.relations.get(&id)
+                    && (*old.schema != *namespace || *old.table != *name)
+                {
+                    tracing::warn!(
+                        from = %format!("{}.{}", old.schema, old.table),
+                        to = %format!("{namespace}.{name}"),
+                        oid = id,
+                        "a captured table was renamed: its changes keep going to the same Delta \
+                         tables. Write the new name in source.tables before the next start"
+                    );
+                }
                 let pk = self.primary_keys.get(&id).filter(|pk| !pk.is_empty());
+                // REPLICA IDENTITY FULL flags every column; without a key of its own the
+                // table is a multiset, identified by whole rows.
+                let multiset = pk.is_none() && !columns.is_empty() && columns.iter().all(|c| c.key);
                 let columns = columns
                     .iter()
                     .map(|c| ColumnInfo {
@@ -84,17 +135,26 @@ impl ChangeBuilder {
                         kind: self.types.kind(c.type_id),
                         key: match pk {
                             Some(pk) => pk.iter().any(|k| **k == *c.name),
-                            None => c.key,
+                            None => c.key && !multiset,
                         },
                     })
                     .collect();
                 let rel = Arc::new(Relation {
+                    oid: id,
                     schema: namespace.into(),
                     table: name.into(),
                     columns,
+                    multiset,
                 });
                 self.relations.insert(id, rel.clone());
                 Ok(Decoded::Schema(rel))
+            }
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if !self.wanted(relation) =>
+            {
+                Ok(Decoded::Nothing)
             }
             Message::Insert { relation, new } => {
                 let rel = self.relation(relation)?;
@@ -142,6 +202,9 @@ impl ChangeBuilder {
             Message::Truncate { relations, .. } => {
                 let mut docs = Vec::with_capacity(relations.len());
                 for id in relations {
+                    if !self.wanted(id) {
+                        continue;
+                    }
                     let rel = self.relation(id)?;
                     docs.push(doc(&rel, txn, Op::Truncate, Vec::new(), None, Vec::new()));
                 }
@@ -177,6 +240,7 @@ fn doc(
         op,
         columns,
         source: Source {
+            oid: rel.oid,
             schema: rel.schema.clone(),
             table: rel.table.clone(),
             lsn: txn.lsn,
@@ -252,7 +316,10 @@ mod tests {
 
     #[test]
     fn update_with_unchanged_toast_and_old_key() {
-        let mut b = ChangeBuilder::default();
+        let mut b = ChangeBuilder {
+            any_table: true,
+            ..Default::default()
+        };
         let mut txn = Transaction {
             lsn: Lsn(0x10),
             xid: 5,

@@ -59,13 +59,40 @@ pub enum SourceError {
     /// A configured table does not exist.
     #[error(
         "table `{table}` (in source.tables) does not exist in database `{database}`. Check the \
-         name and schema (write it as schema.table)"
+         name and schema (write it as schema.table; unquoted names fold to lower case, write \
+         \"Name\" for a mixed-case one). If it was renamed, write its new name"
     )]
     TableMissing {
         /// The name as configured.
         table: String,
         /// The database.
         database: String,
+    },
+    /// A configured table is in none of weir's publications although the output holds it:
+    /// its changes since it left are not in the stream.
+    #[error(
+        "table `{table}` is in source.tables and the lake holds it, but it is in no publication \
+         weir reads (`{publication}`): it was removed from the publication, or dropped and \
+         re-created, while weir was stopped, and its changes since then are not in the stream. \
+         weir stops rather than go on without them. To capture it again from a fresh copy, \
+         delete its Delta tables (the replica and its change log) from the lake and start weir: \
+         it backfills again"
+    )]
+    NotPublished {
+        /// `schema.table`.
+        table: String,
+        /// The configured publication.
+        publication: String,
+    },
+    /// A captured table changed identity while streaming.
+    #[error("table `{table}` {what} while weir was capturing it: {fix}")]
+    TableGone {
+        /// `schema.table`, as last seen.
+        table: String,
+        /// What happened to it.
+        what: String,
+        /// What the user must do.
+        fix: String,
     },
     /// The slot is held by another session.
     #[error(
@@ -140,13 +167,38 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Unreachable { .. } | SourceError::SlotInUse { .. } => true,
-            SourceError::Replication { source, .. } => source.is_transient() || source.is_io(),
-            SourceError::Query { source, .. } => {
-                source.is_closed() || source.as_db_error().is_none()
+            SourceError::Replication { source, .. } => {
+                source.is_transient()
+                    || source.is_io()
+                    || replication_sqlstate(source).is_some_and(transient_sqlstate)
             }
+            SourceError::Query { source, .. } => match source.as_db_error() {
+                Some(db) => transient_sqlstate(db.code().code()),
+                None => true,
+            },
             _ => false,
         }
     }
+}
+
+/// Server errors that pass: the backend was terminated (`pg_terminate_backend`, 57P01),
+/// the server is crashing, recovering or starting (57P02, 57P03), out of connections or
+/// other resources (class 53), a connection failure (class 08), and a slot still held by
+/// the walsender of a connection that just died (55006).
+pub fn transient_sqlstate(code: &str) -> bool {
+    matches!(code, "57P01" | "57P02" | "57P03" | "55006")
+        || code.starts_with("53")
+        || code.starts_with("08")
+}
+
+/// The SQLSTATE of a server error on the replication connection, which the transport
+/// hands over as text ending in `(SQLSTATE xxxxx)`.
+fn replication_sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
+    let pgwire_replication::PgWireError::Server(text) = e else {
+        return None;
+    };
+    let code = text.strip_suffix(')')?.rsplit_once("(SQLSTATE ")?.1;
+    (code.len() == 5).then_some(code)
 }
 
 /// The server's message (with detail and hint) when there is one, else the driver's.
@@ -171,5 +223,24 @@ pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
             }
             s
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_that_pass_are_retried() {
+        let server = |t: &str| SourceError::Replication {
+            slot: "weir".into(),
+            source: pgwire_replication::PgWireError::Server(t.into()),
+        };
+        for code in ["57P01", "57P02", "57P03", "53300", "55006", "08006"] {
+            let e = server(&format!("terminating connection (SQLSTATE {code})"));
+            assert!(e.is_retryable(), "{code}");
+        }
+        assert!(!server("permission denied (SQLSTATE 42501)").is_retryable());
+        assert!(!server("no code at all").is_retryable());
     }
 }

@@ -14,7 +14,8 @@ mod backfill;
 mod changes;
 mod connection;
 pub mod error;
-pub mod relation;
+pub use crate::relation;
+mod catalog_watch;
 mod setup;
 mod socket;
 
@@ -53,6 +54,10 @@ pub struct CaptureOptions {
     pub stop_at: Option<Lsn>,
     /// Events buffered between the capture and its consumer (in batches of up to 256).
     pub buffer: usize,
+    /// Capture through a temporary slot of this session (named `source.slot` as given),
+    /// gone when the capture ends: for a consumer that keeps no position (`weir capture`
+    /// to standard output), so that it never takes over, or drops, a pipeline's slot.
+    pub temporary_slot: bool,
 }
 
 impl Default for CaptureOptions {
@@ -61,6 +66,7 @@ impl Default for CaptureOptions {
             resume: Resume::Fresh,
             stop_at: None,
             buffer: 4096,
+            temporary_slot: false,
         }
     }
 }
@@ -70,7 +76,9 @@ impl Default for CaptureOptions {
 pub enum CaptureEvent {
     /// The backfill starts copying a table.
     BackfillTable {
-        /// `schema.table`.
+        /// The table's OID (its identity).
+        oid: u32,
+        /// `schema.table`, for messages.
         table: String,
         /// PostgreSQL's estimate of its row count.
         estimated_rows: u64,
@@ -163,8 +171,14 @@ impl Capture {
         setup::check_server(&client, &settings.user).await?;
         let tables = setup::find_tables(&client, cfg, &settings.database).await?;
         let types = setup::load_types(&client, &tables).await?;
-        let publications =
-            setup::ensure_publications(&client, cfg, &tables, &settings.user).await?;
+        let publications = setup::ensure_publications(
+            &client,
+            cfg,
+            &tables,
+            &settings.user,
+            matches!(opts.resume, Resume::After(_)),
+        )
+        .await?;
 
         let slot = setup::slot_state(&client, &cfg.slot).await?;
         if let Some(s) = &slot {
@@ -196,6 +210,11 @@ impl Capture {
             }
         }
 
+        let watcher = tokio::spawn(catalog_watch::watch_tables(
+            settings.clone(),
+            tables.clone(),
+            publications.clone(),
+        ));
         let mut repl_cfg = settings.replication_config(&cfg.slot, publications);
         repl_cfg.status_interval = Duration::from_millis(cfg.status_interval_ms);
         repl_cfg.idle_wakeup_interval = Duration::from_millis(cfg.status_interval_ms);
@@ -224,6 +243,14 @@ impl Capture {
                     .map_err(repl_err(&slot_name))?;
                 (repl, position, None)
             }
+            (Some(_), Resume::Fresh) if opts.temporary_slot => {
+                return Err(SourceError::SlotUnusable {
+                    slot: cfg.slot.clone(),
+                    reason: "a slot of that name exists; a capture without a position uses a \
+                             temporary slot of its own and never takes over an existing one"
+                        .into(),
+                });
+            }
             (existing, Resume::Fresh) => {
                 if existing.is_some() {
                     tracing::warn!(
@@ -235,18 +262,19 @@ impl Capture {
                 let mut repl = ReplicationClient::connect_gated(repl_cfg)
                     .await
                     .map_err(repl_err(&slot_name))?;
-                let (consistent_point, snapshot) = backfill::create_slot(&mut repl, &cfg.slot)
-                    .await
-                    .map_err(|e| match e {
-                        SourceError::Replication { source, .. } if source.is_auth() => {
-                            SourceError::Authentication {
-                                user: settings.user.clone(),
-                                target: settings.target(),
-                                reason: source.to_string(),
+                let (consistent_point, snapshot) =
+                    backfill::create_slot(&mut repl, &cfg.slot, opts.temporary_slot)
+                        .await
+                        .map_err(|e| match e {
+                            SourceError::Replication { source, .. } if source.is_auth() => {
+                                SourceError::Authentication {
+                                    user: settings.user.clone(),
+                                    target: settings.target(),
+                                    reason: source.to_string(),
+                                }
                             }
-                        }
-                        other => other,
-                    })?;
+                            other => other,
+                        })?;
                 tracing::info!(slot = %cfg.slot, %consistent_point, "created replication slot");
                 (repl, consistent_point, Some((snapshot, consistent_point)))
             }
@@ -271,6 +299,8 @@ impl Capture {
             delivered: resume_at,
             stop_at: opts.stop_at,
             skipped_through: Lsn::ZERO,
+            watcher,
+            gated: backfill.is_some(),
         };
         let backfill = backfill.map(|(snapshot, point)| Backfill {
             snapshot,
@@ -431,6 +461,11 @@ struct Worker {
     stop_at: Option<Lsn>,
     /// End of the last transaction skipped as already durable (acknowledged by us).
     skipped_through: Lsn,
+    /// Ends with an error when a captured table is dropped or leaves the publication.
+    watcher: JoinHandle<SourceError>,
+    /// The replication session waits at its gate (created the slot, not yet streaming):
+    /// it cannot stop gracefully then, only be dropped.
+    gated: bool,
 }
 
 impl Worker {
@@ -441,6 +476,7 @@ impl Worker {
         backfill: Option<Backfill>,
     ) -> Result<(), SourceError> {
         let result = self.run_inner(&mut repl, client, backfill).await;
+        self.watcher.abort();
         if result.is_ok() && !*self.stop.borrow() {
             // The stop position was reached. The consumer still has to make the last
             // transactions durable and acknowledge them: end its stream, and keep the
@@ -476,21 +512,27 @@ impl Worker {
             types: registry,
         }) = backfill
         {
-            backfill::copy_tables(
+            let complete = backfill::copy_tables(
                 &client,
                 &snapshot,
                 consistent_point,
                 &tables,
                 &registry,
                 &mut self.events,
+                &self.stop,
             )
             .await?;
+            if !complete {
+                // Shut down mid-copy: no BackfillDone, so the next start copies again.
+                return Ok(());
+            }
             self.events
                 .push(CaptureEvent::BackfillDone {
                     position: consistent_point,
                 })
                 .await?;
             self.events.flush().await?;
+            self.gated = false;
             repl.start()
                 .await
                 .map_err(|source| self.repl_error(source))?;
@@ -535,6 +577,12 @@ impl Worker {
             let ev = tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Ok(()),
+                gone = &mut self.watcher => {
+                    return Err(gone.unwrap_or_else(|e| SourceError::Protocol {
+                        lsn: self.delivered,
+                        message: format!("the catalog watch failed: {e}"),
+                    }));
+                }
                 changed = self.ack.changed() => {
                     if changed.is_ok() {
                         self.forward_ack(repl);
@@ -676,6 +724,12 @@ impl Worker {
     /// Sends the last acknowledged position and waits (bounded) until the worker has
     /// reported it, because the transport sends no status update when it stops.
     async fn finish(&self, repl: &mut ReplicationClient) {
+        if self.gated {
+            // Stopped (or failed) during the backfill: nothing was acknowledged, and a
+            // graceful stop would wait at the gate for ever.
+            repl.abort();
+            return;
+        }
         self.forward_ack(repl);
         let target = *self.ack.borrow();
         let metrics = repl.metrics();

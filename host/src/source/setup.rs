@@ -7,10 +7,10 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use super::error::SourceError;
-use super::relation::TableInfo;
 use crate::config::SourceConfig;
 use crate::decode::TypeRegistry;
 use crate::decode::value::TypeDescription;
+use crate::relation::TableInfo;
 
 /// Suffix of the publication for tables without a replica identity: it publishes only
 /// inserts and truncates, so that PostgreSQL keeps accepting updates and deletes on them.
@@ -48,7 +48,11 @@ pub async fn check_server(client: &Client, user: &str) -> Result<(), SourceError
     Ok(())
 }
 
-/// Resolves the configured table names, in configuration order.
+/// Resolves the configured table names, in configuration order, exactly as PostgreSQL
+/// resolves a name in SQL: unquoted parts fold to lower case (`public.USERS` is `users`),
+/// quoted ones keep theirs (`public."Accounts"`), a name without a schema follows the
+/// search path. The result (oid, schema and name as the catalog has them) is the one
+/// identity every later stage uses.
 pub async fn find_tables(
     client: &Client,
     cfg: &SourceConfig,
@@ -58,34 +62,29 @@ pub async fn find_tables(
     let mut seen = HashSet::new();
     for name in &cfg.tables {
         let row = client
-            .query_one(
+            .query_opt(
                 "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text, \
                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                    ARRAY(SELECT a.attname::text FROM pg_index i \
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-                     WHERE i.indrelid = c.oid AND i.indisprimary \
+                     WHERE i.indrelid = c.oid \
+                       AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END \
                      ORDER BY array_position(i.indkey::int2[], a.attnum)) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.oid = to_regclass($1)",
                 &[name],
             )
             .await;
+        let missing = || SourceError::TableMissing {
+            table: name.clone(),
+            database: database.to_string(),
+        };
         let row = match row {
-            Ok(row) => row,
-            Err(e)
-                if e.as_db_error().is_none()
-                    && e.to_string().contains("unexpected number of rows") =>
-            {
-                return Err(SourceError::TableMissing {
-                    table: name.clone(),
-                    database: database.to_string(),
-                });
-            }
+            Ok(Some(row)) => row,
+            Ok(None) => return Err(missing()),
+            // Not a valid name (42602).
             Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42602") => {
-                return Err(SourceError::TableMissing {
-                    table: name.clone(),
-                    database: database.to_string(),
-                });
+                return Err(missing());
             }
             Err(e) => return Err(query_err(format!("looking up table `{name}`"))(e)),
         };
@@ -99,6 +98,8 @@ pub async fn find_tables(
             oid: row.get(0),
             schema: row.get::<_, String>(1).into(),
             name: row.get::<_, String>(2).into(),
+            configured: name.clone(),
+            partitioned: kind == "p",
             replica_identity: row.get::<_, String>(3).bytes().next().unwrap_or(b'd'),
             has_primary_key: row.get(5),
             primary_key: row
@@ -145,11 +146,17 @@ fn quote_ident(s: &str) -> String {
 
 /// Makes sure the publications contain the tables; returns the publication names to
 /// stream from.
+///
+/// When `resuming` (the consumer holds every table up to a position), a table that is in
+/// none of them was removed from the publication (or dropped and re-created) while weir
+/// was stopped: its changes since are not in the stream, so this stops rather than add
+/// it back and go on without them.
 pub async fn ensure_publications(
     client: &Client,
     cfg: &SourceConfig,
     tables: &[TableInfo],
     user: &str,
+    resuming: bool,
 ) -> Result<Vec<String>, SourceError> {
     let (full, insert_only): (Vec<&TableInfo>, Vec<&TableInfo>) =
         tables.iter().partition(|t| t.has_identity());
@@ -162,20 +169,52 @@ pub async fn ensure_publications(
         );
     }
     let mut names = vec![cfg.publication.clone()];
-    ensure_publication(client, &cfg.publication, "", &full, user).await?;
     let insert_only_name = format!("{}{}", cfg.publication, INSERT_ONLY_SUFFIX);
     if !insert_only.is_empty() || publication_exists(client, &insert_only_name).await? {
+        names.push(insert_only_name.clone());
+    }
+    if resuming {
+        let published = published_tables(client, &names).await?;
+        if let Some(t) = tables
+            .iter()
+            .find(|t| !published.contains(&(t.schema.to_string(), t.name.to_string())))
+        {
+            return Err(SourceError::NotPublished {
+                table: t.display(),
+                publication: cfg.publication.clone(),
+            });
+        }
+    }
+    ensure_publication(client, &cfg.publication, "", &full, user).await?;
+    if names.len() > 1 {
         ensure_publication(
             client,
             &insert_only_name,
-            " WITH (publish = 'insert, truncate')",
+            "publish = 'insert, truncate', ",
             &insert_only,
             user,
         )
         .await?;
-        names.push(insert_only_name);
     }
     Ok(names)
+}
+
+/// The tables the publications publish (`schema`, `table`), as the catalog spells them.
+pub async fn published_tables(
+    client: &Client,
+    publications: &[String],
+) -> Result<HashSet<(String, String)>, SourceError> {
+    Ok(client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = ANY ($1)",
+            &[&publications],
+        )
+        .await
+        .map_err(query_err("reading publication tables"))?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 async fn publication_exists(client: &Client, name: &str) -> Result<bool, SourceError> {
@@ -201,69 +240,72 @@ async fn ensure_publication(
         .map(|t| t.qualified())
         .collect::<Vec<_>>()
         .join(", ");
-    let privilege = |e: tokio_postgres::Error, sql: String| {
-        if e.as_db_error().is_some_and(|d| d.code().code() == "42501") {
-            SourceError::Privilege {
-                role: user.to_string(),
-                action: format!("create or change publication `{name}`"),
-                fix: format!(
-                    "have the tables' owner (or a superuser) run: {sql}; weir then reuses it"
-                ),
+    // Changes a publication, saying who can when the role cannot.
+    let ddl = |sql: String| async move {
+        client.batch_execute(&sql).await.map_err(|e| {
+            if e.as_db_error().is_some_and(|d| d.code().code() == "42501") {
+                SourceError::Privilege {
+                    role: user.to_string(),
+                    action: format!("create or change publication `{name}`"),
+                    fix: format!(
+                        "have the tables' owner (or a superuser) run: {sql}; weir then reuses it"
+                    ),
+                }
+            } else {
+                SourceError::Query {
+                    context: format!("setting up publication `{name}` ({sql})"),
+                    source: e,
+                }
             }
-        } else {
-            SourceError::Query {
-                context: format!("setting up publication `{name}` ({sql})"),
-                source: e,
-            }
-        }
+        })
     };
+    // Partitions publish as their root, under the root's identity: a partitioned table in
+    // source.tables then captures every partition, also those created later.
+    let options = format!(" WITH ({with}publish_via_partition_root = true)");
     let row = client
         .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
         .await
         .map_err(query_err("reading publications"))?;
     let Some(row) = row else {
         let sql = if tables.is_empty() {
-            format!("CREATE PUBLICATION {}{with}", quote_ident(name))
+            format!("CREATE PUBLICATION {}{options}", quote_ident(name))
         } else {
             format!(
-                "CREATE PUBLICATION {} FOR TABLE {list}{with}",
+                "CREATE PUBLICATION {} FOR TABLE {list}{options}",
                 quote_ident(name)
             )
         };
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| privilege(e, sql.clone()))?;
+        ddl(sql).await?;
         tracing::info!(publication = name, tables = %list, "created publication");
         return Ok(());
     };
+    if !row.get::<_, bool>(1) && tables.iter().any(|t| t.partitioned) {
+        // Without it, a partition's changes arrive under the partition's own name.
+        ddl(format!(
+            "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+            quote_ident(name)
+        ))
+        .await?;
+        tracing::warn!(
+            publication = name,
+            "set publish_via_partition_root on the publication: partitioned tables are captured through their root"
+        );
+    }
     if row.get::<_, bool>(0) {
         return Ok(());
     }
-    let present: HashSet<(String, String)> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&name],
-        )
-        .await
-        .map_err(query_err("reading publication tables"))?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let present = published_tables(client, &[name.to_string()]).await?;
     for t in tables {
         if !present.contains(&(t.schema.to_string(), t.name.to_string())) {
-            let sql = format!(
+            ddl(format!(
                 "ALTER PUBLICATION {} ADD TABLE {}",
                 quote_ident(name),
                 t.qualified()
-            );
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| privilege(e, sql.clone()))?;
+            ))
+            .await?;
             tracing::warn!(
                 publication = name,
                 table = %t.qualified(),

@@ -19,6 +19,7 @@
 
 pub mod collection;
 mod engine;
+mod multiset;
 pub mod replica;
 pub mod schema;
 pub mod table;
@@ -30,11 +31,12 @@ use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
 use futures_util::FutureExt as _;
 use serde_json::{Map, Value};
 
-use crate::config::{Config, DeleteMode, LakeConfig};
+use crate::config::{Config, DeleteMode, LakeConfig, LakeTableConfig};
 use crate::document::{ChangeDocument, Op};
 use crate::lsn::Lsn;
+use crate::relation::Relation;
+use crate::relation::TableInfo;
 use crate::source::Resume;
-use crate::source::relation::Relation;
 use replica::{Reduced, has_key};
 use schema::{arrow_field, record_batch, to_arrow_json};
 use table::LakeTable;
@@ -110,6 +112,25 @@ pub enum DeltaError {
     Missing {
         /// The table.
         table: String,
+    },
+    /// A change or schema of a table the lake has no tables for.
+    #[error(
+        "a change of table `{table}` (oid {oid}) reached the lake, which has no Delta table for it; \
+         nothing was acknowledged. Add it to source.tables, or remove it from the publication"
+    )]
+    UnknownTable {
+        /// `schema.table`.
+        table: String,
+        /// Its OID.
+        oid: u32,
+    },
+    /// A change cannot be applied to its table.
+    #[error("cannot apply a change of table `{table}`: {reason}; nothing was acknowledged")]
+    Unplaceable {
+        /// `schema.table`.
+        table: String,
+        /// Why, and the fix.
+        reason: String,
     },
     /// Changes arrived for a table whose schema was never announced.
     #[error("changes for `{table}` arrived before its schema")]
@@ -220,25 +241,37 @@ impl Lake {
     }
 }
 
-/// `schema.table` as configured (`table` alone means `public.table`).
-pub fn qualified(name: &str) -> (String, String) {
-    match name.split_once('.') {
-        Some((s, t)) => (s.to_string(), t.to_string()),
-        None => ("public".to_string(), name.to_string()),
-    }
+/// The `[lake.tables."..."]` settings of a source table: under the name as written in
+/// `source.tables`, or as `schema.table` the way the catalog spells it.
+pub fn table_settings<'a>(cfg: &'a LakeConfig, table: &TableInfo) -> Option<&'a LakeTableConfig> {
+    let exact = format!("{}.{}", table.schema, table.name);
+    cfg.tables
+        .get(&table.configured)
+        .or_else(|| cfg.tables.get(&format!("public.{}", table.configured)))
+        .or_else(|| cfg.tables.get(&exact))
 }
 
-/// The replica's name for a source table.
-pub fn replica_name(cfg: &LakeConfig, schema: &str, table: &str) -> String {
-    let key = format!("{schema}.{table}");
-    if let Some(name) = cfg.tables.get(&key).and_then(|t| t.name.clone()) {
+/// The replica's name for a source table: `[lake.tables."...".name]`, else the table's name
+/// (`schema_table` outside `public`), with every character but letters, digits, `_` and
+/// `-` written as `_` (a folder and an SQL name any reader takes).
+pub fn replica_name(cfg: &LakeConfig, table: &TableInfo) -> String {
+    if let Some(name) = table_settings(cfg, table).and_then(|t| t.name.clone()) {
         return name;
     }
-    if schema == "public" {
-        table.to_string()
+    let name = if &*table.schema == "public" {
+        table.name.to_string()
     } else {
-        format!("{schema}_{table}")
-    }
+        format!("{}_{}", table.schema, table.name)
+    };
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 enum WriteKind {
@@ -247,6 +280,10 @@ enum WriteKind {
 }
 
 struct SourceTable {
+    /// Without a key (append-only or multiset): a replay does not rewrite its rows.
+    keyless: bool,
+    /// `schema.table` as last seen (a rename changes it), for messages.
+    display: String,
     relation: Option<Arc<Relation>>,
     replica: LakeTable,
     changes: Option<LakeTable>,
@@ -276,7 +313,8 @@ pub struct SinkStats {
 
 /// Writes change documents into the lake, exactly once per table (see the module doc).
 pub struct DeltaSink {
-    tables: HashMap<(String, String), SourceTable>,
+    /// By table OID: the identity the capture resolved (see [`crate::relation`]).
+    tables: HashMap<u32, SourceTable>,
     /// Work done so far.
     pub stats: SinkStats,
     lake: Lake,
@@ -290,18 +328,40 @@ pub struct DeltaSink {
 }
 
 impl DeltaSink {
-    /// Opens (without creating) every table of the configured source tables and reads
-    /// where each stands.
-    pub async fn open(config: &Config) -> Result<DeltaSink, DeltaError> {
+    /// Opens (without creating) the Delta tables of the source tables `tables` (as the
+    /// capture resolved them: [`crate::source::Capture::describe_tables`]) and reads where
+    /// each stands. Two source tables whose Delta tables would share a name are refused.
+    pub async fn open(config: &Config, tables_in: &[TableInfo]) -> Result<DeltaSink, DeltaError> {
         let cfg = &config.lake;
         let lake = Lake::from_config(cfg, true)?;
         let pipeline = cfg.pipeline.clone().unwrap_or(config.source.slot.clone());
         let mut tables = HashMap::new();
-        for t in &config.source.tables {
-            let (schema, name) = qualified(t);
-            let key = format!("{schema}.{name}");
-            let per = cfg.tables.get(&key).cloned().unwrap_or_default();
-            let replica_name = replica_name(cfg, &schema, &name);
+        let mut names: HashMap<String, String> =
+            [collection::PLUGIN_STATE, collection::DEAD_LETTERS]
+                .into_iter()
+                .map(|n| (n.to_string(), "weir itself".to_string()))
+                .collect();
+        for t in tables_in {
+            let per = table_settings(cfg, t).cloned().unwrap_or_default();
+            let replica_name = replica_name(cfg, t);
+            let change_log = per.change_log.unwrap_or(cfg.change_log);
+            let mut own = vec![replica_name.clone()];
+            if change_log {
+                own.push(format!("{replica_name}_changes"));
+            }
+            for n in own {
+                if let Some(other) = names.insert(n.clone(), t.display()) {
+                    return Err(DeltaError::Location {
+                        url: cfg.url.clone(),
+                        reason: format!(
+                            "source tables `{other}` and `{}` would both be written to Delta table \
+                             `{n}`: give one of them its own name with [lake.tables.\"{}\"] name = \"...\"",
+                            t.display(),
+                            t.configured
+                        ),
+                    });
+                }
+            }
             let open = |n: String| {
                 let url = lake.table_url(&n);
                 let storage = lake.storage.clone();
@@ -311,16 +371,16 @@ impl DeltaSink {
                 }
             };
             let replica = open(replica_name.clone()).await?;
-            let changes = if per.change_log.unwrap_or(cfg.change_log) {
-                let mut log = open(format!("{replica_name}_changes")).await?;
-                remove_unfinished_parts(&mut log).await?;
-                Some(log)
+            let changes = if change_log {
+                Some(open(format!("{replica_name}_changes")).await?)
             } else {
                 None
             };
             tables.insert(
-                (schema, name),
+                t.oid,
                 SourceTable {
+                    keyless: t.primary_key.is_empty(),
+                    display: t.display(),
                     relation: None,
                     replica,
                     changes,
@@ -355,16 +415,38 @@ impl DeltaSink {
         })
     }
 
+    /// Removes what a transaction that was being written in parts when the last run
+    /// stopped left behind, before the capture replays it: its rows in change logs, and in
+    /// replicas without a key (a keyed replica's merge lands the replay on the same rows).
+    /// Only the process that owns the pipeline (it holds the slot) may call this: a reader
+    /// or a maintenance command would remove the parts of a transaction in flight.
+    pub async fn repair(&mut self) -> Result<(), DeltaError> {
+        for t in self.tables.values_mut() {
+            if let Some(log) = t.changes.as_mut() {
+                remove_unfinished_parts(log).await?;
+            }
+            if t.keyless
+                && let (true, Some(v)) = (t.replica.exists(), t.replica.version)
+            {
+                // Past the position: backfill rows are at it, streamed rows of finished
+                // transactions before it.
+                t.replica
+                    .delete_where(Some(&format!("{LSN} > {}", v.0 as i64)), None)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads which keys each existing replica holds, for the source tables described in
     /// `tables`, before the stream starts: on a large replica this takes a while (5,000,000
     /// keys: 0.6 s), which would otherwise delay the first changes after a start.
     pub async fn preload_keys(
         &mut self,
-        tables: &[crate::source::relation::TableInfo],
+        tables: &[crate::relation::TableInfo],
     ) -> Result<(), DeltaError> {
         for info in tables {
-            let key = (info.schema.to_string(), info.name.to_string());
-            let Some(t) = self.tables.get_mut(&key) else {
+            let Some(t) = self.tables.get_mut(&info.oid) else {
                 continue;
             };
             let Some(target) = t.replica.arrow_schema() else {
@@ -392,15 +474,7 @@ impl DeltaSink {
     /// Waits for every table's checkpoint being written in the background (at the end of
     /// a run, so that it stops with its log complete).
     pub async fn settle(&mut self) -> Result<(), DeltaError> {
-        let mut tables: Vec<&mut LakeTable> = Vec::new();
-        for t in self.tables.values_mut() {
-            tables.push(&mut t.replica);
-            tables.extend(t.changes.as_mut());
-        }
-        tables.extend(self.collections.values_mut());
-        tables.extend(self.dead_letters.as_mut());
-        tables.extend(self.plugin_state.as_mut());
-        for t in tables {
+        for t in self.every_table_mut() {
             t.settle().await?;
         }
         Ok(())
@@ -538,24 +612,26 @@ impl DeltaSink {
 
     /// Records a table's (new) shape; columns it adds are added to its tables at the
     /// next write.
-    pub fn schema(&mut self, rel: Arc<Relation>) {
-        match self
+    pub fn schema(&mut self, rel: Arc<Relation>) -> Result<(), DeltaError> {
+        let t = self
             .tables
-            .get_mut(&(rel.schema.to_string(), rel.table.to_string()))
-        {
-            Some(t) => t.relation = Some(rel),
-            None => {
-                tracing::warn!(schema = %rel.schema, table = %rel.table, "schema of a table that is not configured; ignored")
-            }
-        }
+            .get_mut(&rel.oid)
+            .ok_or_else(|| DeltaError::UnknownTable {
+                table: format!("{}.{}", rel.schema, rel.table),
+                oid: rel.oid,
+            })?;
+        t.display = format!("{}.{}", rel.schema, rel.table);
+        t.relation = Some(rel);
+        Ok(())
     }
 
     /// A backfill of `schema.table` starts (afresh: a new slot, a new snapshot): the
     /// replica is emptied, to be rebuilt from the snapshot, and backfill rows an earlier
     /// backfill left in the change log are removed (its streamed history stays).
-    pub async fn begin_backfill(&mut self, table: &str) -> Result<(), DeltaError> {
-        let key = qualified(table);
-        if let Some(t) = self.tables.get_mut(&key) {
+    pub async fn begin_backfill(&mut self, oid: u32) -> Result<(), DeltaError> {
+        let mut source = None;
+        if let Some(t) = self.tables.get_mut(&oid) {
+            source = Some(t.display.clone());
             if t.replica.exists() {
                 tracing::info!(table = %t.replica.name, "emptying the replica for a new backfill");
                 t.replica.delete_all(None).await?;
@@ -566,10 +642,10 @@ impl DeltaSink {
             }
         }
         // Likewise the dead letters of an earlier backfill of this table.
-        if self.plugin_state.is_some() {
+        if let (Some(source), true) = (source, self.plugin_state.is_some()) {
             let letters = self.dead_letters().await?;
             if letters.exists() {
-                let source = format!("{}.{}", key.0, key.1).replace('\'', "''");
+                let source = source.replace('\'', "''");
                 letters
                     .delete_where(
                         Some(&format!("{SNAPSHOT} = true AND source_table = '{source}'")),
@@ -589,12 +665,17 @@ impl DeltaSink {
         docs: &[ChangeDocument],
         position: Option<Lsn>,
     ) -> Result<(), DeltaError> {
-        let mut by_table: HashMap<(String, String), Vec<&ChangeDocument>> = HashMap::new();
+        let mut by_table: HashMap<u32, Vec<&ChangeDocument>> = HashMap::new();
         for d in docs {
-            by_table
-                .entry((d.source.schema.to_string(), d.source.table.to_string()))
-                .or_default()
-                .push(d);
+            // Never skipped: a change no table takes stops the write (and with it the
+            // acknowledgment of its position).
+            if !self.tables.contains_key(&d.source.oid) {
+                return Err(DeltaError::UnknownTable {
+                    table: format!("{}.{}", d.source.schema, d.source.table),
+                    oid: d.source.oid,
+                });
+            }
+            by_table.entry(d.source.oid).or_default().push(d);
         }
         // Every Delta table is independent: write them all at once.
         let mut writes = Vec::new();
@@ -603,7 +684,7 @@ impl DeltaSink {
                 continue;
             };
             let rel = t.relation.clone().ok_or_else(|| DeltaError::NoSchema {
-                table: format!("{}.{}", key.0, key.1),
+                table: t.display.clone(),
             })?;
             let fresh = |lt: &LakeTable| -> Vec<&ChangeDocument> {
                 docs.iter()
@@ -680,6 +761,37 @@ impl DeltaSink {
             }
         }
         Ok(())
+    }
+
+    /// Records `position` in every table that took rows without a position since its
+    /// last one (parts of a large transaction or of the backfill) and that the write of
+    /// `position` did not reach: a transaction's earlier parts may touch tables its last
+    /// part does not, and its last part may be empty. Every change before `position` has
+    /// been written, so each table is complete up to it.
+    pub async fn close_parts(&mut self, position: Lsn) -> Result<(), DeltaError> {
+        let mut commits = 0;
+        for lt in self.every_table_mut() {
+            if lt.open_part && lt.exists() && lt.version.is_none_or(|v| v < position) {
+                lt.commit_position(position).await?;
+                commits += 1;
+            }
+        }
+        self.stats.commits += commits;
+        Ok(())
+    }
+
+    /// Every table this sink has open: replicas, change logs, plugin outputs, dead
+    /// letters, plugin state.
+    fn every_table_mut(&mut self) -> Vec<&mut LakeTable> {
+        let mut tables: Vec<&mut LakeTable> = Vec::new();
+        for t in self.tables.values_mut() {
+            tables.push(&mut t.replica);
+            tables.extend(t.changes.as_mut());
+        }
+        tables.extend(self.collections.values_mut());
+        tables.extend(self.dead_letters.as_mut());
+        tables.extend(self.plugin_state.as_mut());
+        tables
     }
 
     /// Compacts every table; one line per table.
@@ -782,9 +894,28 @@ async fn write_replica(
         table: name.clone(),
         source,
     };
+    if rel.multiset {
+        return multiset::write(lt, rel, &target, docs, position).await;
+    }
     if !has_key(rel) {
         // No key: inserts are appended (PostgreSQL sends no updates or deletes for such
-        // tables); a truncate empties the table first.
+        // tables: they are in the insert-only publication); a truncate empties the table
+        // first. Anything else cannot be placed.
+        if let Some(d) = docs
+            .iter()
+            .find(|d| matches!(d.op, Op::Update | Op::Delete))
+        {
+            return Err(DeltaError::Unplaceable {
+                table: format!("{}.{}", rel.schema, rel.table),
+                reason: format!(
+                    "a change at {} updates or deletes a row, but the table has no key or replica \
+                     identity to find it by. Fix: ALTER TABLE {} REPLICA IDENTITY FULL (or add a \
+                     primary key), then restart weir",
+                    d.source.lsn,
+                    crate::relation::quote_qualified(&rel.schema, &rel.table)
+                ),
+            });
+        }
         let last_truncate = docs.iter().rposition(|d| d.op == Op::Truncate);
         let rows: Vec<Map<String, Value>> = docs[last_truncate.map_or(0, |i| i + 1)..]
             .iter()
@@ -1066,9 +1197,22 @@ mod tests {
 
     #[test]
     fn table_names_follow_the_source() {
-        let cfg = LakeConfig::default();
-        assert_eq!(replica_name(&cfg, "public", "users"), "users");
-        assert_eq!(replica_name(&cfg, "sales", "orders"), "sales_orders");
-        assert_eq!(qualified("users"), ("public".into(), "users".into()));
+        let mut cfg = LakeConfig::default();
+        let t = |name: &str| TableInfo::offline(name, 1);
+        assert_eq!(replica_name(&cfg, &t("public.USERS")), "users");
+        assert_eq!(replica_name(&cfg, &t("sales.orders")), "sales_orders");
+        assert_eq!(replica_name(&cfg, &t("\"Accounts\"")), "Accounts");
+        assert_eq!(
+            replica_name(&cfg, &t("\"my.app\".\"odd \"\"x\"\"\"")),
+            "my_app_odd__x_"
+        );
+        cfg.tables.insert(
+            "public.USERS".into(),
+            LakeTableConfig {
+                name: Some("people".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(replica_name(&cfg, &t("public.USERS")), "people");
     }
 }

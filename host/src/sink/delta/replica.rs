@@ -22,7 +22,7 @@ use super::schema::{project, record_batch, to_arrow_json, to_arrow_json_ref};
 use super::{COMMIT_TS, DELETED, LSN};
 use crate::config::DeleteMode;
 use crate::document::{ChangeDocument, Op};
-use crate::source::relation::Relation;
+use crate::relation::Relation;
 
 /// Marks a source row of a merge: `u` upsert, `d` delete.
 pub const OP: &str = "__weir_op";
@@ -465,8 +465,8 @@ mod tests {
     use crate::decode::TypeKind;
     use crate::document::Source;
     use crate::lsn::Lsn;
+    use crate::relation::ColumnInfo;
     use crate::sink::delta::schema::arrow_field;
-    use crate::source::relation::ColumnInfo;
 
     fn relation() -> Relation {
         let col = |name: &str, type_id, type_modifier, kind, key| ColumnInfo {
@@ -477,6 +477,7 @@ mod tests {
             key,
         };
         Relation {
+            oid: 0,
             schema: "public".into(),
             table: "transactions".into(),
             columns: vec![
@@ -485,6 +486,7 @@ mod tests {
                 col("transaction_date", 1184, -1, TypeKind::TimestampTz, false),
                 col("amount", 1700, (12 << 16 | 2) + 4, TypeKind::Numeric, false),
             ],
+            multiset: false,
         }
     }
 
@@ -502,6 +504,7 @@ mod tests {
             op,
             columns,
             source: Source {
+                oid: 0,
                 schema: "public".into(),
                 table: "transactions".into(),
                 lsn: Lsn(1000 + seq),

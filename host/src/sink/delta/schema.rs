@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 
 use crate::decode::TypeKind;
 use crate::json::RawJson;
-use crate::source::relation::ColumnInfo;
+use crate::relation::ColumnInfo;
 
 /// Largest precision of a Delta decimal.
 const MAX_DECIMAL_PRECISION: i32 = 38;

@@ -37,6 +37,12 @@ pub struct LakeTable {
     app_id: String,
     /// Source position up to which the table is complete (from its last txn action).
     pub version: Option<Lsn>,
+    /// Rows were committed without a position (a part of a large transaction or of the
+    /// backfill) since the table last recorded one: the next position the pipeline
+    /// reaches must be recorded here too, even if that write has nothing for this table
+    /// ([`super::DeltaSink::close_parts`]); else a restart would take the finished
+    /// transaction's rows for unfinished ones.
+    pub open_part: bool,
     checkpoint_interval: u64,
     commits_since_open: u64,
     /// The log's latest version as this handle knows it, its own quick commits included:
@@ -267,6 +273,7 @@ impl LakeTable {
             table: None,
             app_id,
             version: None,
+            open_part: false,
             checkpoint_interval,
             commits_since_open: 0,
             head: None,
@@ -501,6 +508,9 @@ impl LakeTable {
                 self.commit_position(p).await?;
             }
             self.version = Some(p);
+            self.open_part = false;
+        } else if committed {
+            self.open_part = true;
         }
         self.commits_since_open += 1;
         if self.commits_since_open >= REOPEN_EVERY {
@@ -531,6 +541,7 @@ impl LakeTable {
         self.table = Some(table);
         result.map_err(|e| self.err("committing to", e))?;
         self.version = Some(position);
+        self.open_part = false;
         self.update().await
     }
 
@@ -651,8 +662,12 @@ impl LakeTable {
             }
         };
         self.head = Some(version);
-        if let Some(p) = position {
-            self.version = Some(p);
+        match position {
+            Some(p) => {
+                self.version = Some(p);
+                self.open_part = false;
+            }
+            None => self.open_part = true,
         }
         if let Some(interval) = self.quick
             && (version + 1).is_multiple_of(interval)
@@ -744,6 +759,39 @@ impl LakeTable {
         match result {
             Ok((table, _)) => self.finish(before, table, position).await,
             Err(e) => self.failed("deleting from", e).await,
+        }
+    }
+
+    /// The rows matching `filter` (SQL over the table's columns), as Arrow batches; none
+    /// for a table not created yet.
+    pub async fn batches_where(&mut self, filter: &str) -> Result<Vec<RecordBatch>, DeltaError> {
+        self.fresh().await?;
+        let Some(table) = self.table.as_ref() else {
+            return Ok(Vec::new());
+        };
+        self.query(table, &format!("SELECT * FROM t WHERE {filter}"))
+            .await
+    }
+
+    /// Replaces the rows matching `predicate` (SQL) with `batches` (every row of which
+    /// must match it) and records `position`, all in one commit.
+    pub async fn replace_where(
+        &mut self,
+        predicate: &str,
+        batches: Vec<RecordBatch>,
+        position: Option<Lsn>,
+    ) -> Result<(), DeltaError> {
+        let table = self.take().await?;
+        let before = table.version();
+        let result = table
+            .write(batches)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(predicate.to_string())
+            .with_commit_properties(self.properties(position))
+            .await;
+        match result {
+            Ok(table) => self.finish(before, table, position).await,
+            Err(e) => self.failed("replacing rows of", e).await,
         }
     }
 

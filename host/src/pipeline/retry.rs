@@ -1,0 +1,47 @@
+//! Starting the pipeline again after transient source failures.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{PipelineError, RunOptions, RunStats, run};
+use crate::config::Config;
+
+/// First wait before reconnecting after a transient failure; doubled up to the maximum.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs the pipeline, starting it again (from what the lake holds) after transient source
+/// failures such as a PostgreSQL restart, with exponential backoff.
+pub async fn run_with_retries(
+    config: &Config,
+    opts: RunOptions,
+    stop: watch::Receiver<bool>,
+) -> Result<RunStats, PipelineError> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut total = RunStats::default();
+    loop {
+        let started = std::time::Instant::now();
+        match run(config, opts.clone(), stop.clone()).await {
+            Ok(stats) => {
+                total.changes += stats.changes;
+                total.batches += stats.batches;
+                total.position = stats.position.or(total.position);
+                return Ok(total);
+            }
+            Err(PipelineError::Source(e)) if e.is_retryable() && !*stop.borrow() => {
+                if started.elapsed() > MAX_BACKOFF {
+                    backoff = FIRST_BACKOFF;
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed; reconnecting");
+                let mut stop = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(total),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

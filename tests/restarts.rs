@@ -1,0 +1,196 @@
+//! Large transactions across several tables, and restarts: every change in every change
+//! log exactly once, every replica equal to its source.
+
+mod support;
+
+use support::TestDb;
+use support::lake::*;
+
+/// (`_op`, number of changes, distinct keys) of the streamed changes of a change log;
+/// fails on a change held twice.
+async fn streamed(lake: &std::path::Path, table: &str) -> Vec<Vec<String>> {
+    assert_change_log_has_no_duplicates(lake, table).await;
+    lake_rows(
+        lake,
+        &format!(
+            "SELECT _op, CAST(count(*) AS VARCHAR), CAST(count(DISTINCT id) AS VARCHAR) \
+             FROM {table}_changes WHERE NOT _snapshot GROUP BY _op ORDER BY _op"
+        ),
+    )
+    .await
+}
+
+/// Replicas `a` and `b` equal their sources, row by row.
+async fn assert_replicas_equal(db: &TestDb, lake: &std::path::Path) {
+    let client = db.client().await;
+    for t in ["a", "b"] {
+        assert_same_rows(
+            &pg_rows(
+                &client,
+                &format!("SELECT id::text, v FROM {t} ORDER BY {t}.id"),
+            )
+            .await,
+            &lake_rows(lake, &format!("SELECT id, v FROM {t} ORDER BY id")).await,
+            t,
+        );
+    }
+}
+
+fn rows(list: &[(&str, u64, u64)]) -> Vec<Vec<String>> {
+    list.iter()
+        .map(|(op, n, k)| vec![op.to_string(), n.to_string(), k.to_string()])
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_in_parts_records_its_position_in_every_table_it_touched() {
+    let db = TestDb::new("parts");
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["a", "b"], &lake);
+    cfg.lake.part_rows = 1000;
+    run_until_now(&db, &cfg).await;
+    // 4,000 changes: four full parts, the last part empty at the commit.
+    db.sql(
+        "BEGIN; INSERT INTO a SELECT g, 'x' FROM generate_series(1, 2500) g; \
+         INSERT INTO b SELECT g, 'y' FROM generate_series(1, 1500) g; COMMIT;",
+    );
+    // `b` only in the first part of this one.
+    db.sql(
+        "BEGIN; INSERT INTO b SELECT g, 'z' FROM generate_series(1501, 2000) g; \
+         UPDATE a SET v = 'u' WHERE id <= 1700; COMMIT;",
+    );
+    let stats = run_until_now(&db, &cfg).await;
+    assert!(
+        stats.parts >= 6,
+        "the transactions went in parts: {stats:?}"
+    );
+    // A restart (which clears what unfinished transactions left), then one more change.
+    db.sql("INSERT INTO a VALUES (9999, 'last');");
+    run_until_now(&db, &cfg).await;
+
+    assert_eq!(
+        streamed(&lake, "a").await,
+        rows(&[("c", 2501, 2501), ("u", 1700, 1700)])
+    );
+    assert_eq!(streamed(&lake, "b").await, rows(&[("c", 2000, 2000)]));
+    assert_replicas_equal(&db, &lake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_walsenders_are_retried_and_every_change_lands_once() {
+    let db = TestDb::new("terminate");
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text); \
+         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["a", "b"], &lake);
+    cfg.lake.part_rows = 500;
+    run_until_now(&db, &cfg).await;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            weir::pipeline::run_with_retries(&cfg, weir::pipeline::RunOptions::default(), rx).await
+        })
+    };
+    let mut terminated = 0;
+    for round in 0..5 {
+        // 700 changes over both tables: written in parts.
+        db.sql(&format!(
+            "BEGIN; INSERT INTO a SELECT g, 'r{round}' FROM generate_series({}, {}) g; \
+             UPDATE b SET v = 'r{round}' WHERE id <= 100; COMMIT;",
+            round * 600 + 1,
+            round * 600 + 600
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(200 + 150 * round as u64)).await;
+        terminated += db
+            .sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication")
+            .parse::<u32>()
+            .unwrap();
+    }
+    assert!(terminated >= 3, "walsenders terminated: {terminated}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let done = lake.join("b_changes").exists()
+            && lake_rows(&lake, "SELECT count(*) FROM b_changes WHERE NOT _snapshot").await[0][0]
+                == "500"
+            && lake_rows(&lake, "SELECT count(*) FROM a").await[0][0] == "3000";
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pipeline did not catch up after the terminations"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    stop.send(true).unwrap();
+    task.await
+        .unwrap()
+        .expect("the pipeline ended without an error");
+    // A restart reads the change logs again: still complete.
+    run_until_now(&db, &cfg).await;
+    assert_eq!(streamed(&lake, "a").await, rows(&[("c", 3000, 3000)]));
+    assert_eq!(streamed(&lake, "b").await, rows(&[("u", 500, 100)]));
+    assert_replicas_equal(&db, &lake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_start_copies_again() {
+    let db = TestDb::new("longcopy");
+    db.sql(
+        "CREATE TABLE big (id int PRIMARY KEY, v text); \
+         INSERT INTO big SELECT g, repeat('x', 40) FROM generate_series(1, 3000000) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["big"], &lake);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx).await
+        })
+    };
+    // Once the first part of the copy is in the lake, ask for a shutdown.
+    support::wait_for("the first backfill part", 120, || {
+        lake.join("big/_delta_log").exists()
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), task)
+        .await
+        .expect("the shutdown did not wait for the rest of the copy")
+        .unwrap()
+        .expect("the interrupted run ends without an error");
+    eprintln!(
+        "stopped {:?} after the shutdown was asked for",
+        asked.elapsed()
+    );
+    let held = lake_rows(&lake, "SELECT count(*) FROM big").await[0][0]
+        .parse::<u64>()
+        .unwrap();
+    assert!(held < 3_000_000, "the copy was interrupted: {held} rows");
+    // The next start copies again, into a replica equal to the source.
+    run_until_now(&db, &cfg).await;
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT CAST(count(*) AS VARCHAR), CAST(count(DISTINCT id) AS VARCHAR), \
+             CAST(min(id) AS VARCHAR), CAST(max(id) AS VARCHAR) FROM big"
+        )
+        .await,
+        [["3000000", "3000000", "1", "3000000"]
+            .map(String::from)
+            .to_vec()]
+    );
+}
