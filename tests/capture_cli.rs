@@ -360,10 +360,8 @@ fn datagen_anomalies_are_found_by_the_fraud_rule() {
 #[test]
 fn capture_to_standard_output_never_touches_a_pipelines_slot() {
     let db = TestDb::new("clistdout");
-    db.sql(
-        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1); \
-         SELECT pg_create_logical_replication_slot('weir', 'pgoutput');",
-    );
+    db.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);");
+    db.sql("SELECT pg_create_logical_replication_slot('weir', 'pgoutput');");
     let slot_before = db.sql("SELECT confirmed_flush_lsn FROM pg_replication_slots");
     db.sql("INSERT INTO t VALUES (2)");
     let until = db.sql("SELECT pg_current_wal_insert_lsn()");

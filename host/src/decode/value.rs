@@ -118,7 +118,8 @@ pub struct TypeDescription {
     pub oid: u32,
     /// `typtype`: `b` base, `d` domain, `e` enum, `c` composite, `r` range, ...
     pub typtype: u8,
-    /// Element type of an array type (0 when not an array).
+    /// Element type of an array type (0 when not an array, also for `point` and other
+    /// fixed-length types that set `typelem`).
     pub element: u32,
     /// Base type of a domain (0 when not a domain).
     pub base: u32,
@@ -136,7 +137,9 @@ impl TypeRegistry {
             SELECT x FROM t JOIN pg_type ty ON ty.oid = t.oid, \
               LATERAL (VALUES (ty.typelem), (ty.typbasetype)) v(x) WHERE x <> 0 \
         ) \
-        SELECT ty.oid::text, ty.typtype::text, ty.typelem::text, ty.typbasetype::text \
+        SELECT ty.oid::text, ty.typtype::text, \
+          (CASE WHEN ty.typcategory = 'A' THEN ty.typelem ELSE 0 END)::text, \
+          ty.typbasetype::text \
         FROM t JOIN pg_type ty ON ty.oid = t.oid";
 
     /// Records non-builtin types.
@@ -163,9 +166,9 @@ impl TypeRegistry {
         if t.typtype == b'd' && t.base != 0 {
             return Self::resolve(t.base, by_oid, depth + 1);
         }
-        // Only true array types have typelem with the `_name` form; fixed-length types
-        // such as `point` also set typelem, but we cannot tell them apart here without
-        // typcategory, so we require the element to be known.
+        // The catalog query gives an element only for array types (typcategory `A`):
+        // fixed-length types such as `point` and `box` also set typelem, but their text
+        // is not an array literal.
         if t.element != 0 && t.typtype == b'b' {
             let elem = Self::resolve(t.element, by_oid, depth + 1);
             return TypeKind::Array(Box::new(elem));

@@ -47,6 +47,10 @@ pub const LSN: &str = "_lsn";
 pub const COMMIT_TS: &str = "_commit_ts";
 /// Soft-delete marker of a replica row.
 pub const DELETED: &str = "_deleted";
+/// The exact change-document values (a JSON object by column name) of the row's values
+/// that their Delta column cannot hold and holds as NULL: numeric `NaN`, `±infinity` and
+/// BC dates, ... (see [`schema`]); NULL when there is none. Replicas and change logs.
+pub const RAW: &str = "_raw";
 /// Change-log column: `c`, `u`, `d`, `r`, `t`.
 pub const OP: &str = "_op";
 /// Change-log column: source transaction id.
@@ -852,6 +856,7 @@ fn replica_fields(rel: &Relation, delete: DeleteMode) -> Vec<Field> {
     let mut fields: Vec<Field> = rel.columns.iter().map(arrow_field).collect();
     fields.push(Field::new(LSN, DataType::Int64, true));
     fields.push(Field::new(COMMIT_TS, meta_timestamp(), true));
+    fields.push(Field::new(RAW, DataType::Utf8, true));
     if delete == DeleteMode::Soft {
         fields.push(Field::new(DELETED, DataType::Boolean, true));
     }
@@ -862,6 +867,7 @@ fn replica_fields(rel: &Relation, delete: DeleteMode) -> Vec<Field> {
 fn change_log_fields(rel: &Relation) -> Vec<Field> {
     let mut fields: Vec<Field> = rel.columns.iter().map(arrow_field).collect();
     fields.extend([
+        Field::new(RAW, DataType::Utf8, true),
         Field::new(OP, DataType::Utf8, true),
         Field::new(LSN, DataType::Int64, true),
         Field::new(TXID, DataType::Int64, true),
@@ -1117,13 +1123,18 @@ fn convert_columns(
     target: &deltalake::arrow::datatypes::Schema,
 ) -> Map<String, Value> {
     let mut row = Map::with_capacity(d.columns.len() + 8);
+    let mut raw = Map::new();
     for (name, value) in &d.columns {
         if let Ok(f) = target.field_with_name(name) {
-            row.insert(
-                name.to_string(),
-                to_arrow_json(value.clone(), f.data_type()),
-            );
+            let converted = to_arrow_json(value.clone(), f.data_type());
+            if schema::lost(value, &converted) {
+                raw.insert(name.to_string(), value.clone());
+            }
+            row.insert(name.to_string(), converted);
         }
+    }
+    if !raw.is_empty() && target.field_with_name(RAW).is_ok() {
+        row.insert(RAW.into(), Value::String(Value::Object(raw).to_string()));
     }
     row
 }

@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use super::replica::quote;
 use super::schema::record_batch;
 use super::table::LakeTable;
-use super::{COMMIT_TS, DeltaError, LSN, convert_columns};
+use super::{COMMIT_TS, DeltaError, LSN, RAW, convert_columns};
 use crate::document::{ChangeDocument, Op};
 use crate::lsn::Lsn;
 use crate::relation::Relation;
@@ -40,7 +40,12 @@ pub async fn write(
     docs: &[&ChangeDocument],
     position: Option<Lsn>,
 ) -> Result<(), DeltaError> {
-    let columns: Vec<&str> = rel.columns.iter().map(|c| &*c.name).collect();
+    // A row's values, and the exact values its columns hold as NULL: twins only if both
+    // are the same.
+    let mut columns: Vec<&str> = rel.columns.iter().map(|c| &*c.name).collect();
+    if target.field_with_name(RAW).is_ok() {
+        columns.push(RAW);
+    }
     let same = |a: &Map<String, Value>, b: &Map<String, Value>| {
         columns
             .iter()

@@ -18,8 +18,8 @@ use serde_json::{Map, Value};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
-use super::schema::{project, record_batch, to_arrow_json, to_arrow_json_ref};
-use super::{COMMIT_TS, DELETED, LSN};
+use super::schema::{lost, project, record_batch, to_arrow_json_ref};
+use super::{COMMIT_TS, DELETED, LSN, RAW};
 use crate::config::DeleteMode;
 use crate::document::{ChangeDocument, Op};
 use crate::relation::Relation;
@@ -222,18 +222,27 @@ impl Reduced {
                 Some((&*c.name, f.data_type().clone()))
             })
             .collect();
+        let with_raw = target.field_with_name(RAW).is_ok();
         let mut rows = Vec::with_capacity(self.rows.len());
         let mut all = self.rows;
         for key in &self.order {
             let Some(p) = all.remove(key) else { continue };
-            let mut out = Map::with_capacity(columns.len() + 4);
+            let mut out = Map::with_capacity(columns.len() + 5);
             let mut src = p.row;
+            let mut raw = Map::new();
             for (name, ty) in &columns {
                 if let Some(v) = src.remove(*name) {
-                    out.insert(name.to_string(), to_arrow_json(v, ty));
+                    let converted = to_arrow_json_ref(&v, ty).into_owned();
+                    if lost(&v, &converted) {
+                        raw.insert(name.to_string(), v);
+                    }
+                    out.insert(name.to_string(), converted);
                 } else if let Some(v) = p.stored.get(*name) {
                     out.insert(name.to_string(), v.clone());
                 }
+            }
+            if !raw.is_empty() {
+                out.insert(RAW.into(), Value::String(Value::Object(raw).to_string()));
             }
             out.insert(OP.into(), Value::from(if p.delete { "d" } else { "u" }));
             out.insert(LSN.into(), Value::from(p.lsn as i64));
@@ -254,7 +263,10 @@ impl Reduced {
                 true,
             ));
         }
-        let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+        let mut names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+        if with_raw {
+            names.push(RAW);
+        }
         let schema = project(target, &names, extra);
         let plan = MergePlan::new(rel, &names, toast, mode);
         (schema, rows, plan)
@@ -285,6 +297,7 @@ pub fn inserts_only(
         .filter_map(|c| Some((&*c.name, target.field_with_name(&c.name).ok()?.data_type())))
         .collect();
     let keys = key_columns(rel);
+    let with_raw = target.field_with_name(RAW).is_ok();
     // Distinct keys: integers in a set of integers, others as their JSON text.
     let mut ints = std::collections::HashSet::with_capacity(docs.len());
     let mut texts = std::collections::HashSet::new();
@@ -313,16 +326,33 @@ pub fn inserts_only(
         if !distinct {
             return None;
         }
-        let mut row: Vec<Cow<'_, Value>> = Vec::with_capacity(columns.len() + 3);
+        let mut row: Vec<Cow<'_, Value>> = Vec::with_capacity(columns.len() + 4);
+        let mut raw: Option<Map<String, Value>> = None;
         for (i, (name, ty)) in columns.iter().enumerate() {
-            row.push(value(name, i).map_or(Cow::Owned(Value::Null), |v| to_arrow_json_ref(v, ty)));
+            let cell = value(name, i).map_or(Cow::Owned(Value::Null), |v| {
+                let converted = to_arrow_json_ref(v, ty);
+                if with_raw && lost(v, &converted) {
+                    raw.get_or_insert_default()
+                        .insert(name.to_string(), v.clone());
+                }
+                converted
+            });
+            row.push(cell);
+        }
+        if with_raw {
+            row.push(Cow::Owned(raw.map_or(Value::Null, |r| {
+                Value::String(Value::Object(r).to_string())
+            })));
         }
         row.push(Cow::Borrowed(&upsert));
         row.push(Cow::Owned(Value::from(d.source.lsn.0 as i64)));
         row.push(Cow::Owned(Value::from(d.source.ts_ms * 1000)));
         rows.push(row);
     }
-    let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+    let mut names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+    if with_raw {
+        names.push(RAW);
+    }
     let schema = project(target, &names, source_fields());
     let plan = MergePlan::new(rel, &names, Vec::new(), mode);
     Some(record_batch(schema, &rows).map(|batch| (batch, plan)))

@@ -3,7 +3,7 @@
 //! | PostgreSQL | Delta |
 //! | --- | --- |
 //! | `smallint`, `integer`, `bigint` (`oid`, `xid`) | `short`, `integer`, `long` |
-//! | `numeric(p,s)`, p <= 38 | `decimal(p,s)` (`NaN`, `±Infinity` become NULL) |
+//! | `numeric(p,s)`, p <= 38 | `decimal(p,s)` |
 //! | `numeric` without precision, or p > 38 | `string` (exact digits) |
 //! | `real`, `double precision` | `float`, `double` |
 //! | `boolean` | `boolean` |
@@ -15,7 +15,11 @@
 //! | arrays | `array<element>` |
 //! | everything else (`time`, `uuid`, text types, enums, `interval`, ...) | `string` |
 //!
-//! `±infinity` timestamps and dates become NULL: Delta has no such values.
+//! Values a Delta column cannot hold (numeric `NaN` and `±Infinity` in a decimal column;
+//! `±infinity`, BC and year-10000+ dates and timestamps; a multi-dimensional array in a
+//! one-dimensional column of other than text) are NULL in their column, and their exact
+//! change-document value is in the row's `_raw` column (see [`super::RAW`]): nothing is
+//! lost.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -115,16 +119,15 @@ pub fn to_arrow_json(value: Value, ty: &DataType) -> Value {
                 Err(_) => Value::Null,
             }
         }
-        (DataType::Decimal128(..), Value::String(s))
-            if !s.starts_with(|c: char| c == '-' || c.is_ascii_digit()) || s == "-Infinity" =>
-        {
+        (DataType::Decimal128(..), Value::String(s)) if !decimal_fits(&s) => Value::Null,
+        (DataType::Timestamp(..) | DataType::Date32, Value::String(s)) if !time_fits(&s, ty) => {
             Value::Null
         }
-        (DataType::Timestamp(..) | DataType::Date32, Value::String(s))
-            if s.ends_with("infinity") =>
-        {
-            Value::Null
-        }
+        // A value that did not parse as its type (PostgreSQL never sends one).
+        (
+            DataType::Boolean | DataType::Int16 | DataType::Int32 | DataType::Int64,
+            Value::String(_),
+        ) => Value::Null,
         (DataType::Float32 | DataType::Float64, Value::String(s)) => match s.as_str() {
             // Arrow's decoder parses these spellings.
             "NaN" => Value::String("NaN".into()),
@@ -161,10 +164,12 @@ pub fn to_arrow_json_ref<'a>(value: &'a Value, ty: &DataType) -> Cow<'a, Value> 
         (DataType::Utf8, Value::String(_)) => false,
         (DataType::Utf8, _) => true,
         (DataType::Binary, Value::String(_)) => true,
-        (DataType::Decimal128(..), Value::String(s)) => {
-            !s.starts_with(|c: char| c == '-' || c.is_ascii_digit()) || s == "-Infinity"
-        }
-        (DataType::Timestamp(..) | DataType::Date32, Value::String(s)) => s.ends_with("infinity"),
+        (DataType::Decimal128(..), Value::String(s)) => !decimal_fits(s),
+        (DataType::Timestamp(..) | DataType::Date32, Value::String(s)) => !time_fits(s, ty),
+        (
+            DataType::Boolean | DataType::Int16 | DataType::Int32 | DataType::Int64,
+            Value::String(_),
+        ) => true,
         (DataType::Float32 | DataType::Float64, Value::String(_)) => true,
         (DataType::List(_), Value::Array(_)) => true,
         _ => false,
@@ -173,6 +178,45 @@ pub fn to_arrow_json_ref<'a>(value: &'a Value, ty: &DataType) -> Cow<'a, Value> 
         Cow::Owned(to_arrow_json(value.clone(), ty))
     } else {
         Cow::Borrowed(value)
+    }
+}
+
+/// Whether a numeric's text is a number a decimal column holds (not `NaN`, `±Infinity`).
+fn decimal_fits(s: &str) -> bool {
+    s.starts_with(|c: char| c == '-' || c.is_ascii_digit()) && s != "-Infinity"
+}
+
+/// Whether a date or timestamp (in the change document's form) is one a Delta `date` or
+/// `timestamp` holds: not `±infinity`, not BC, year 1 to 9999.
+fn time_fits(s: &str, ty: &DataType) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    // The canonical forms, checked cheaply: `2024-05-01`, `2024-05-01T12:00:00.250000[Z]`.
+    let date = b.len() >= 10 && digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-';
+    if !date || &s[..4] == "0000" {
+        return false;
+    }
+    match ty {
+        DataType::Date32 => b.len() == 10 && digits(8..10),
+        _ => {
+            (b.len() == 26 || (b.len() == 27 && b[26] == b'Z'))
+                && b[10] == b'T'
+                && b[13] == b':'
+                && b[16] == b':'
+                && b[19] == b'.'
+                && digits(20..26)
+        }
+    }
+}
+
+/// Whether `converted` (what [`to_arrow_json`] made of `original`) lost something the
+/// Delta column cannot hold: a non-NULL value written as NULL, also inside an array.
+pub fn lost(original: &Value, converted: &Value) -> bool {
+    match (original, converted) {
+        (Value::Null, _) => false,
+        (_, Value::Null) => true,
+        (Value::Array(a), Value::Array(b)) => a.iter().zip(b).any(|(x, y)| lost(x, y)),
+        _ => false,
     }
 }
 

@@ -1,0 +1,178 @@
+//! Values as PostgreSQL ships them, through backfill and stream into Delta: those a Delta
+//! column cannot hold keep their exact value in `_raw`, and no value of any type becomes
+//! NULL silently.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::TestDb;
+use support::lake::*;
+
+const TABLE: &str = "CREATE TYPE mood AS ENUM ('sad', 'happy');
+    CREATE TYPE pair AS (a int, b text);
+    CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+    CREATE DOMAIN codes AS text[];
+    CREATE TABLE v (id int PRIMARY KEY, d date, tz timestamptz, ts timestamp,
+      n numeric(10,2), nu numeric, f float8, ai int[], at text[],
+      pt point, bx box, rg int4range, mr int4multirange, cp pair, dom posint, dar codes,
+      moods mood[], bt bit(4), vb varbit, mn money, iv interval, x xml, ip inet, cd cidr,
+      mac macaddr, tv tsvector, j jsonb);";
+
+/// Row `id` with values Delta columns cannot hold in the typed columns.
+fn edge_row(id: i32) -> String {
+    format!(
+        "INSERT INTO v (id, d, tz, ts, n, nu, f, ai, at) VALUES
+           ({id}, '-infinity', 'infinity', '-infinity', 'NaN', 'Infinity', 'NaN',
+            '{{{{1,2}},{{3,NULL}}}}', '{{{{a,NULL}},{{c,d}}}}'),
+           ({}, '0044-03-15 BC', '10000-01-01 00:00:00+00', '0001-01-01 00:00:00 BC', 1.5,
+            '-Infinity', '-Infinity', '{{1,NULL}}', '{{NULL}}');",
+        id + 1
+    )
+}
+
+/// Row `id` with an ordinary value in every column.
+fn ordinary_row(id: i32) -> String {
+    format!(
+        "INSERT INTO v VALUES ({id}, '2024-05-01', '2024-05-01 12:00:00+00',
+           '2024-05-01 12:00:00', 12.50, 3.25, 2.5, '{{1,2}}', '{{a,b}}',
+           '(1.5,2)', '((0,0),(1,1))', '[1,5)', '{{[1,3),[7,9)}}', '(1,\"x y\")', 7,
+           '{{A1,B2}}', '{{sad,happy}}', B'1010', B'101', 12.34, '1 year 2 days',
+           '<a>1</a>', '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03',
+           'a fat cat', '{{\"n\": 1}}');"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_delta_cannot_hold_keep_their_exact_form_and_nothing_is_silently_null() {
+    let db = TestDb::new("values");
+    db.sql(TABLE);
+    // Rows 1-3 through the backfill, 11-13 through the stream.
+    db.sql(&(edge_row(1) + &ordinary_row(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["v"], &lake);
+    run_until_now(&db, &cfg).await;
+    db.sql(&(edge_row(11) + &ordinary_row(13)));
+    db.sql("INSERT INTO v (id, d) VALUES (21, 'infinity');");
+    run_until_now(&db, &cfg).await;
+    // An update that makes a value representable clears its `_raw` entry.
+    db.sql("UPDATE v SET d = '2020-02-02' WHERE id = 21;");
+    run_until_now(&db, &cfg).await;
+
+    let raw = |rows: Vec<Vec<String>>| -> Vec<(String, Value)> {
+        rows.into_iter()
+            .map(|r| {
+                let v = if r[1] == "NULL" {
+                    Value::Null
+                } else {
+                    serde_json::from_str(&r[1]).unwrap()
+                };
+                (r[0].clone(), v)
+            })
+            .collect()
+    };
+    let edge = |d: &str, tz: &str, ts: &str| {
+        // (A two-dimensional text array keeps its sub-arrays as JSON text: not lost.)
+        json!({"d": d, "tz": tz, "ts": ts, "n": "NaN", "ai": [[1, 2], [3, null]]})
+    };
+    // The change document's form of each value (see the README's "Change documents").
+    let second = json!({"d": "0044-03-15 BC", "tz": "10000-01-01T00:00:00.000000Z",
+                        "ts": "0001-01-01 00:00:00 BC"});
+    for table in ["v", "v_changes"] {
+        let got = raw(lake_rows(
+            &lake,
+            &format!(
+                "SELECT CAST(id AS VARCHAR) AS k, _raw FROM {table} WHERE id IN (1, 2, 3, 11, 12, 13) \
+                     ORDER BY id"
+            ),
+        )
+        .await);
+        let want = vec![
+            ("1".to_string(), edge("-infinity", "infinity", "-infinity")),
+            ("2".to_string(), second.clone()),
+            ("3".to_string(), Value::Null),
+            ("11".to_string(), edge("-infinity", "infinity", "-infinity")),
+            ("12".to_string(), second.clone()),
+            ("13".to_string(), Value::Null),
+        ];
+        assert_eq!(got, want, "{table}");
+    }
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT CAST(d AS VARCHAR) AS dt, _raw FROM v WHERE id = 21"
+        )
+        .await,
+        [vec!["2020-02-02".to_string(), "NULL".to_string()]]
+    );
+
+    // No value is NULL in the lake unless it is NULL in PostgreSQL or in `_raw`.
+    let columns: Vec<String> = db
+        .sql(
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute \
+             WHERE attrelid = 'v'::regclass AND attnum > 1 AND NOT attisdropped",
+        )
+        .split(',')
+        .map(String::from)
+        .collect();
+    let nulls = |quote: char| {
+        columns
+            .iter()
+            .map(|c| format!("CASE WHEN {quote}{c}{quote} IS NULL THEN 'N' ELSE '-' END"))
+            .collect::<Vec<_>>()
+            .join(" || ")
+    };
+    let client = db.client().await;
+    let pg = pg_rows(
+        &client,
+        &format!("SELECT id::text, {} FROM v ORDER BY v.id", nulls('"')),
+    )
+    .await;
+    let delta = lake_rows(
+        &lake,
+        &format!(
+            "SELECT CAST(id AS VARCHAR) AS k, {} AS nulls, _raw FROM v ORDER BY id",
+            nulls('`')
+        ),
+    )
+    .await;
+    assert_eq!(pg.len(), delta.len());
+    for (p, d) in pg.iter().zip(&delta) {
+        let raw: Value = if d[2] == "NULL" {
+            json!({})
+        } else {
+            serde_json::from_str(&d[2]).unwrap()
+        };
+        for (i, c) in columns.iter().enumerate() {
+            let (in_pg, in_lake) = (&p[1][i..i + 1], &d[1][i..i + 1]);
+            assert!(
+                in_pg == in_lake || (in_pg == "-" && raw.get(c).is_some()),
+                "row {}: column {c} is {} in PostgreSQL and {} in the lake (raw {raw})",
+                p[0],
+                if in_pg == "N" { "NULL" } else { "set" },
+                if in_lake == "N" { "NULL" } else { "set" },
+            );
+        }
+    }
+
+    // The text forms of types kept as PostgreSQL prints them.
+    let texts = "pt, bx, rg, mr, cp, bt, vb, mn, x, ip, cd, mac, tv";
+    let pg = pg_rows(
+        &client,
+        &format!(
+            "SELECT {} FROM v WHERE id IN (3, 13) ORDER BY v.id",
+            texts
+                .split(", ")
+                .map(|c| format!("{c}::text"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .await;
+    let delta = lake_rows(
+        &lake,
+        &format!("SELECT {texts} FROM v WHERE id IN (3, 13) ORDER BY id"),
+    )
+    .await;
+    assert_same_rows(&pg, &delta, "text-form types");
+}
