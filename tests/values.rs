@@ -176,3 +176,74 @@ async fn values_delta_cannot_hold_keep_their_exact_form_and_nothing_is_silently_
     .await;
     assert_same_rows(&pg, &delta, "text-form types");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widened_column_types_evolve_the_lake_and_a_narrowing_stops_with_the_fix() {
+    let db = TestDb::new("widen");
+    db.sql(
+        "CREATE TABLE w (id int PRIMARY KEY, n int, amt numeric(10,2), name varchar(5), \
+           r real, q numeric(6,2)); \
+         INSERT INTO w VALUES (1, 7, 12345678.90, 'ann', 2.5, 1.50), (2, NULL, 0.01, 'bo', NULL, NULL);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["w"], &lake);
+    run_until_now(&db, &cfg).await;
+    db.sql(
+        "ALTER TABLE w ALTER COLUMN n TYPE bigint, ALTER COLUMN amt TYPE numeric(14,2), \
+           ALTER COLUMN name TYPE text, ALTER COLUMN r TYPE double precision, \
+           ALTER COLUMN q TYPE numeric; \
+         INSERT INTO w VALUES (3, 5000000000, 123456789012.34, 'a longer name', 0.125, 1.255); \
+         UPDATE w SET n = n + 1 WHERE id = 1;",
+    );
+    run_until_now(&db, &cfg).await;
+    let pg = "SELECT id::text, n::text, amt::text, name, r::text, q::text FROM w ORDER BY w.id";
+    let delta = "SELECT id, n, CAST(amt AS VARCHAR) AS a, name, r, q FROM w ORDER BY id";
+    assert_table_rows(&db, &lake, pg, delta, "w after widening").await;
+    let types = lake_rows(
+        &lake,
+        "SELECT arrow_typeof(n), arrow_typeof(amt), arrow_typeof(r), arrow_typeof(q) FROM w LIMIT 1",
+    )
+    .await;
+    assert_eq!(types[0][0], "Int64");
+    assert_eq!(types[0][1], "Decimal128(14, 2)");
+    assert_eq!(types[0][2], "Float64");
+    assert!(types[0][3].starts_with("Utf8"), "{:?}", types[0]);
+    // Every change in the change log once, the old rows widened too.
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT _op, CAST(n AS VARCHAR) AS n FROM w_changes ORDER BY _lsn, _seq"
+        )
+        .await,
+        [["r", "7"], ["r", "NULL"], ["c", "5000000000"], ["u", "8"]]
+            .map(|r| r.map(String::from).to_vec())
+    );
+
+    // A narrowing cannot be applied: a stop, with the fix, and nothing acknowledged.
+    db.sql("ALTER TABLE w ALTER COLUMN r TYPE real; INSERT INTO w VALUES (4, 1, 1, 'x', 1, 1);");
+    let acked = db.confirmed_flush("weir");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let err = weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`w`") && err.contains("`r`") && err.contains("widens a column in place"),
+        "{err}"
+    );
+    assert_eq!(
+        db.confirmed_flush("weir"),
+        acked,
+        "nothing was acknowledged"
+    );
+}
+
+async fn assert_table_rows(db: &TestDb, lake: &std::path::Path, pg: &str, delta: &str, what: &str) {
+    let client = db.client().await;
+    assert_same_rows(
+        &pg_rows(&client, pg).await,
+        &lake_rows(lake, delta).await,
+        what,
+    );
+}

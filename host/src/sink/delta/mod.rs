@@ -88,8 +88,12 @@ pub enum DeltaError {
     },
     /// The table exists with a column of another type.
     #[error(
-        "Delta table `{table}` has column `{column}` of type {found}, but the source needs {expected}. \
-         The table was created by someone else or for another source: move it away or configure another name"
+        "Delta table `{table}` has column `{column}` of type {found}, but the source needs {expected}; \
+         nothing was acknowledged. weir widens a column in place (integer to bigint, real to double, \
+         numeric to a wider numeric or to numeric without precision), not this change. If the \
+         source column's type was changed, delete the table (and its change log) from the lake and \
+         start weir again to backfill it; if the table was made by someone else or for another \
+         source, move it away or configure another name"
     )]
     IncompatibleSchema {
         /// The table.

@@ -388,20 +388,26 @@ impl LakeTable {
             return self.create(fields).await;
         };
         let mut missing = Vec::new();
+        let mut widened = Vec::new();
         for f in fields {
             match schema.field_with_name(f.name()) {
+                Ok(existing) if compatible(existing.data_type(), f.data_type()) => {}
+                Ok(existing) if widens(existing.data_type(), f.data_type()) => {
+                    widened.push(f.clone());
+                }
                 Ok(existing) => {
-                    if !compatible(existing.data_type(), f.data_type()) {
-                        return Err(DeltaError::IncompatibleSchema {
-                            table: self.name.clone(),
-                            column: f.name().clone(),
-                            found: format!("{}", existing.data_type()),
-                            expected: format!("{}", f.data_type()),
-                        });
-                    }
+                    return Err(DeltaError::IncompatibleSchema {
+                        table: self.name.clone(),
+                        column: f.name().clone(),
+                        found: format!("{}", existing.data_type()),
+                        expected: format!("{}", f.data_type()),
+                    });
                 }
                 Err(_) => missing.push(f.clone()),
             }
+        }
+        if !widened.is_empty() {
+            self.widen(&widened).await?;
         }
         if missing.is_empty() {
             return Ok(());
@@ -480,6 +486,59 @@ impl LakeTable {
                 props.with_application_transaction(Transaction::new(&self.app_id, p.0 as i64))
             }
             None => props,
+        }
+    }
+
+    /// Rewrites the table with `columns` widened to their new types (`ALTER COLUMN TYPE`
+    /// in the source: `integer` to `bigint`, a wider `numeric`, ...), in one commit that
+    /// keeps the table's position. Delta readers see the new types from that version on.
+    async fn widen(&mut self, columns: &[Field]) -> Result<(), DeltaError> {
+        use deltalake::datafusion::prelude::{Expr, cast};
+        use deltalake::operations::write::SchemaMode;
+        let table = self.take().await?;
+        let reading = |e: deltalake::datafusion::error::DataFusionError| DeltaTableError::from(e);
+        let plan = async {
+            let ctx = SessionContext::new();
+            table.update_datafusion_session(&ctx.state())?;
+            let schema = table.snapshot()?.snapshot().arrow_schema();
+            let exprs: Vec<Expr> = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let c = Expr::Column(column(f.name()));
+                    match columns.iter().find(|w| w.name() == f.name()) {
+                        Some(w) => cast(c, w.data_type().clone()).alias(f.name()),
+                        None => c,
+                    }
+                })
+                .collect();
+            let df = ctx
+                .read_table(table.table_provider().await?)
+                .map_err(reading)?
+                .select(exprs)
+                .map_err(reading)?;
+            Ok::<_, DeltaTableError>(df.logical_plan().clone())
+        }
+        .await;
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => return self.failed("reading", e).await,
+        };
+        let result = table
+            .write(Vec::new())
+            .with_input_plan(plan)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(SchemaMode::Overwrite)
+            .with_commit_properties(self.properties(self.version))
+            .await;
+        match result {
+            Ok(table) => {
+                let names: Vec<&String> = columns.iter().map(|f| f.name()).collect();
+                tracing::warn!(table = %self.name, columns = ?names, "widened columns to the source's new types (table rewritten)");
+                self.loaded(table);
+                Ok(())
+            }
+            Err(e) => self.failed("widening columns of", e).await,
         }
     }
 
@@ -1226,6 +1285,33 @@ fn compatible(
         (T::Binary | T::LargeBinary | T::BinaryView, T::Binary) => true,
         (T::Timestamp(_, a), T::Timestamp(_, b)) => a.is_some() == b.is_some(),
         (a, b) => a == b,
+    }
+}
+
+/// Whether a column of type `from` can take the values of `to` after a rewrite that
+/// casts each value exactly: a wider integer or float, a decimal with at least as many
+/// digits before and after the point, or a decimal becoming text (`numeric` without
+/// precision).
+fn widens(
+    from: &deltalake::arrow::datatypes::DataType,
+    to: &deltalake::arrow::datatypes::DataType,
+) -> bool {
+    use deltalake::arrow::datatypes::DataType as T;
+    match (from, to) {
+        (T::Int16, T::Int32 | T::Int64) | (T::Int32, T::Int64) | (T::Float32, T::Float64) => true,
+        (T::Int16 | T::Int32 | T::Int64, T::Decimal128(p, s)) => {
+            let digits = match from {
+                T::Int16 => 5,
+                T::Int32 => 10,
+                _ => 19,
+            };
+            i16::from(*p) - i16::from(*s) >= digits
+        }
+        (T::Decimal128(p1, s1), T::Decimal128(p2, s2)) => {
+            s2 >= s1 && i16::from(*p2) - i16::from(*s2) >= i16::from(*p1) - i16::from(*s1)
+        }
+        (T::Decimal128(..), T::Utf8) => true,
+        _ => false,
     }
 }
 
