@@ -194,3 +194,125 @@ async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_sta
             .to_vec()]
     );
 }
+
+/// Records every row change of `tables` (op, key) in `audit`, a table no publication
+/// holds: the oracle a change log is compared with.
+fn audit(db: &TestDb, tables: &[&str]) {
+    db.sql(
+        "CREATE TABLE audit (n bigserial PRIMARY KEY, tbl text, op text, id int); \
+         CREATE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO audit (tbl, op, id) VALUES (TG_TABLE_NAME, \
+             CASE TG_OP WHEN 'INSERT' THEN 'c' WHEN 'UPDATE' THEN 'u' ELSE 'd' END, \
+             CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END); \
+           RETURN NULL; END $$;",
+    );
+    for t in tables {
+        db.sql(&format!(
+            "CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} \
+             FOR EACH ROW EXECUTE FUNCTION audit_row();"
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_transactions_in_parts_across_tables_loses_and_repeats_no_change() {
+    use std::process::{Command, Stdio};
+    let db = TestDb::new("kills");
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text); \
+         INSERT INTO a SELECT g, 'start' FROM generate_series(1, 100) g; \
+         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\npassword_file = \"{}\"\ntables = [\"a\", \"b\"]\n\
+             tls = \"disable\"\nstatus_interval_ms = 100\n\n[lake]\nurl = \"{}\"\n\
+             change_log = true\npart_rows = 300\n",
+            db.cluster.url(&db.db),
+            db.cluster.password_file().display(),
+            lake.display()
+        ),
+    )
+    .unwrap();
+    let weir_until_now = || {
+        let until = db.sql("SELECT pg_current_wal_insert_lsn()");
+        let status = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--until", &until])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "weir run --until");
+    };
+    weir_until_now();
+    // From here on every change is streamed; the audit sees each one.
+    audit(&db, &["a", "b"]);
+    let client = db.client().await;
+    let writer = tokio::spawn(async move {
+        for i in 0..40 {
+            // 500 to 551 changes over both tables, written in parts of 300: `b` only in
+            // the first part.
+            let first = 1000 + i * 400;
+            client
+                .batch_execute(&format!(
+                    "BEGIN; UPDATE b SET v = 'u{i}' WHERE id <= 100; \
+                     INSERT INTO a SELECT g, 'n{i}' FROM generate_series({first}, {}) g; \
+                     DELETE FROM a WHERE id BETWEEN {} AND {}; COMMIT;",
+                    first + 399,
+                    first - 400,
+                    first - 350
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        }
+    });
+    let mut rng = 0x2545f4914f6cdd1du64;
+    for round in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(std::time::Duration::from_millis(600 + rng % 1500)).await;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        assert!(!child.wait().unwrap().success(), "round {round}: killed");
+    }
+    writer.await.unwrap();
+    weir_until_now();
+
+    let client = db.client().await;
+    for t in ["a", "b"] {
+        let want = pg_rows(
+            &client,
+            &format!("SELECT op, id::text FROM audit WHERE tbl = '{t}' ORDER BY audit.id, op, n"),
+        )
+        .await;
+        let got = lake_rows(
+            &lake,
+            &format!(
+                "SELECT _op, CAST(id AS VARCHAR) AS k FROM {t}_changes WHERE NOT _snapshot \
+                 ORDER BY id, _op"
+            ),
+        )
+        .await;
+        assert!(
+            want.len() > 3000,
+            "{t}: the workload ran ({} changes)",
+            want.len()
+        );
+        assert_same_rows(&want, &got, &format!("{t}_changes against the audit"));
+    }
+    assert_replicas_equal(&db, &lake).await;
+}
