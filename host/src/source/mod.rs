@@ -210,12 +210,7 @@ impl Capture {
             }
         }
 
-        let watcher = tokio::spawn(catalog_watch::watch_tables(
-            settings.clone(),
-            tables.clone(),
-            publications.clone(),
-        ));
-        let mut repl_cfg = settings.replication_config(&cfg.slot, publications);
+        let mut repl_cfg = settings.replication_config(&cfg.slot, publications.clone());
         repl_cfg.status_interval = Duration::from_millis(cfg.status_interval_ms);
         repl_cfg.idle_wakeup_interval = Duration::from_millis(cfg.status_interval_ms);
 
@@ -280,6 +275,12 @@ impl Capture {
             }
         };
 
+        // Started last: nothing after it can fail and leave it running.
+        let watcher = tokio::spawn(catalog_watch::watch_tables(
+            settings.clone(),
+            tables.clone(),
+            publications,
+        ));
         let progress = Arc::new(ServerProgress::default());
         let worker = Worker {
             progress: progress.clone(),
