@@ -132,6 +132,21 @@ pub enum DeltaError {
         /// Its OID.
         oid: u32,
     },
+    /// Two source tables (or one and weir's own) would share a Delta table.
+    #[error(
+        "source tables `{first}` and `{second}` would both be written to Delta table `{delta_table}`: \
+         give one of them its own name with [lake.tables.\"{configured}\"] name = \"...\""
+    )]
+    NameClash {
+        /// The table that has the name.
+        first: String,
+        /// The table that would get it too.
+        second: String,
+        /// The Delta table's name.
+        delta_table: String,
+        /// The second table's entry in `source.tables`.
+        configured: String,
+    },
     /// A change cannot be applied to its table.
     #[error("cannot apply a change of table `{table}`: {reason}; nothing was acknowledged")]
     Unplaceable {
@@ -359,14 +374,11 @@ impl DeltaSink {
             }
             for n in own {
                 if let Some(other) = names.insert(n.clone(), t.display()) {
-                    return Err(DeltaError::Location {
-                        url: cfg.url.clone(),
-                        reason: format!(
-                            "source tables `{other}` and `{}` would both be written to Delta table \
-                             `{n}`: give one of them its own name with [lake.tables.\"{}\"] name = \"...\"",
-                            t.display(),
-                            t.configured
-                        ),
+                    return Err(DeltaError::NameClash {
+                        first: other,
+                        second: t.display(),
+                        delta_table: n,
+                        configured: t.configured.clone(),
                     });
                 }
             }
