@@ -53,16 +53,6 @@ fn ops(list: &[(&str, i64)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The source query and the lake query of one table, compared row by row.
-async fn assert_table(db: &TestDb, lake: &std::path::Path, pg: &str, delta: &str, what: &str) {
-    let client = db.client().await;
-    assert_same_rows(
-        &pg_rows(&client, pg).await,
-        &lake_rows(lake, delta).await,
-        what,
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once() {
     let db = TestDb::new("identity");
@@ -109,7 +99,7 @@ async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once(
     let stats = run_until_now(&db, &cfg).await;
     assert!(stats.changes >= 11, "{stats:?}");
 
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, name FROM users ORDER BY id",
@@ -117,7 +107,7 @@ async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once(
         "users",
     )
     .await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT \"Id\"::text, balance::text FROM \"Accounts\" ORDER BY 1",
@@ -125,7 +115,7 @@ async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once(
         "\"Accounts\"",
     )
     .await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, note FROM public.accounts ORDER BY 1",
@@ -133,7 +123,7 @@ async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once(
         "accounts",
     )
     .await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, total::text FROM sales.orders ORDER BY 1",
@@ -141,7 +131,7 @@ async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once(
         "sales.orders",
     )
     .await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, v FROM \"my.app\".\"odd \"\"name\"\" x\" ORDER BY 1",
@@ -149,7 +139,7 @@ async fn tables_are_named_as_postgres_resolves_them_and_every_change_lands_once(
         "the table with dots, quotes and spaces",
     )
     .await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, label FROM app.items ORDER BY 1",
@@ -246,7 +236,7 @@ async fn a_partitioned_table_is_captured_through_its_root_also_new_partitions() 
          INSERT INTO events VALUES (4, '2026-06-01', 'last');",
     );
     run_until_now(&db, &cfg).await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, at::text, what FROM events ORDER BY id",
@@ -422,7 +412,7 @@ async fn replica_identity_using_index_and_full_with_a_key_keep_replicas_equal() 
     // A second batch on rows the first one moved.
     db.sql("DELETE FROM acct WHERE code = 'b2'; UPDATE full_pk SET v = 'back' WHERE id = 20;");
     run_until_now(&db, &cfg).await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, code, v::text FROM acct ORDER BY code",
@@ -430,7 +420,7 @@ async fn replica_identity_using_index_and_full_with_a_key_keep_replicas_equal() 
         "acct (USING INDEX)",
     )
     .await;
-    assert_table(
+    assert_query_equal(
         &db,
         &lake,
         "SELECT id::text, coalesce(v, 'NULL') FROM full_pk ORDER BY id",
@@ -471,7 +461,7 @@ async fn a_table_without_a_key_under_replica_identity_full_is_kept_as_a_multiset
         "SELECT a::text, b, c::text FROM log ORDER BY a NULLS FIRST, b NULLS FIRST, c NULLS FIRST";
     let delta = "SELECT a, b, CAST(c AS VARCHAR) AS c_text FROM log \
                  ORDER BY a NULLS FIRST, b NULLS FIRST, c NULLS FIRST";
-    assert_table(&db, &lake, pg, delta, "log after the backfill").await;
+    assert_query_equal(&db, &lake, pg, delta, "log after the backfill").await;
     // One twin deleted, one NULL-holding twin updated, a twin added, a row added and
     // removed in the same batch, a row with a NULL deleted.
     let one = |cond: &str| format!("(SELECT ctid FROM log WHERE {cond} LIMIT 1)");
@@ -486,12 +476,12 @@ async fn a_table_without_a_key_under_replica_identity_full_is_kept_as_a_multiset
         one("a = 2")
     ));
     run_until_now(&db, &cfg).await;
-    assert_table(&db, &lake, pg, delta, "log after one-row changes").await;
+    assert_query_equal(&db, &lake, pg, delta, "log after one-row changes").await;
     // Two changes with equal old rows in one statement; then more in a later batch.
     db.sql("UPDATE log SET c = 3 WHERE a = 1;");
     db.sql("DELETE FROM log WHERE b IS NULL; INSERT INTO log VALUES (1, 'x', 3);");
     run_until_now(&db, &cfg).await;
-    assert_table(&db, &lake, pg, delta, "log after twin updates").await;
+    assert_query_equal(&db, &lake, pg, delta, "log after twin updates").await;
     assert_eq!(
         db.sql("SELECT count(*) FROM log WHERE a = 1 AND c = 3"),
         "3",
@@ -499,5 +489,5 @@ async fn a_table_without_a_key_under_replica_identity_full_is_kept_as_a_multiset
     );
     // A restart with nothing new keeps it so.
     run_until_now(&db, &cfg).await;
-    assert_table(&db, &lake, pg, delta, "log after a restart").await;
+    assert_query_equal(&db, &lake, pg, delta, "log after a restart").await;
 }

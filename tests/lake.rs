@@ -477,23 +477,7 @@ async fn kill_9_at_random_moments_loses_and_repeats_nothing() {
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
     let writer = datagen_in_background(&db, 300.0, 3000, 3);
-    let mut rng = 0x9e3779b97f4a7c15u64;
-    for round in 0..5 {
-        let mut child = weir()
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let ms = 700 + rng % 2000;
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "round {round}: killed");
-    }
+    kill_9_runs(&config, 5, 0x9e3779b97f4a7c15, 700, 2000).await;
     writer.await.unwrap();
     weir_run_until_now(&db, &config);
     assert_bank_replica_equals_source(&db, &lake).await;

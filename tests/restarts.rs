@@ -273,22 +273,7 @@ async fn kill_9_during_transactions_in_parts_across_tables_loses_and_repeats_no_
             tokio::time::sleep(std::time::Duration::from_millis(120)).await;
         }
     });
-    let mut rng = 0x2545f4914f6cdd1du64;
-    for round in 0..5 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        tokio::time::sleep(std::time::Duration::from_millis(600 + rng % 1500)).await;
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        assert!(!child.wait().unwrap().success(), "round {round}: killed");
-    }
+    kill_9_runs(&config, 5, 0x2545f4914f6cdd1d, 600, 1500).await;
     writer.await.unwrap();
     weir_until_now();
 

@@ -159,3 +159,34 @@ pub async fn assert_change_log_has_no_duplicates(
     );
     rows.len()
 }
+
+/// A query over PostgreSQL and one over the lake, compared row by row.
+pub async fn assert_query_equal(db: &TestDb, lake: &Path, pg: &str, delta: &str, what: &str) {
+    let client = db.client().await;
+    assert_same_rows(
+        &pg_rows(&client, pg).await,
+        &lake_rows(lake, delta).await,
+        what,
+    );
+}
+
+/// Runs `weir run --config <config>` and kills it with SIGKILL after a pseudo-random
+/// `min_ms` to `min_ms + spread_ms`, `rounds` times (xorshift from `seed`).
+pub async fn kill_9_runs(config: &Path, rounds: u32, mut seed: u64, min_ms: u64, spread_ms: u64) {
+    use std::process::{Command, Stdio};
+    for round in 0..rounds {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(min_ms + seed % spread_ms)).await;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        assert!(!child.wait().unwrap().success(), "round {round}: killed");
+    }
+}

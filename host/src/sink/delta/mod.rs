@@ -943,7 +943,7 @@ async fn write_replica(
             .iter()
             .filter(|d| matches!(d.op, Op::Insert | Op::Read))
             .map(|d| {
-                let mut row = convert_columns(d, &target);
+                let mut row = convert_columns(&d.columns, &target);
                 row.insert(LSN.into(), Value::from(d.source.lsn.0 as i64));
                 row.insert(COMMIT_TS.into(), Value::from(d.source.ts_ms * 1000));
                 row
@@ -1133,14 +1133,14 @@ async fn split_new_keys(
     Ok((Some(fresh), rest, fresh_hashes))
 }
 
-/// A document's columns in Arrow's JSON form for the table `target`.
+/// A document's columns (or old row) in Arrow's JSON form for the table `target`.
 fn convert_columns(
-    d: &ChangeDocument,
+    columns: &crate::document::Row,
     target: &deltalake::arrow::datatypes::Schema,
 ) -> Map<String, Value> {
-    let mut row = Map::with_capacity(d.columns.len() + 8);
+    let mut row = Map::with_capacity(columns.len() + 8);
     let mut raw = Map::new();
-    for (name, value) in &d.columns {
+    for (name, value) in columns {
         if let Ok(f) = target.field_with_name(name) {
             let converted = to_arrow_json(value.clone(), f.data_type());
             if schema::lost(value, &converted) {
@@ -1168,7 +1168,7 @@ async fn write_change_log(
     let rows: Vec<Map<String, Value>> = docs
         .iter()
         .map(|d| {
-            let mut row = convert_columns(d, &target);
+            let mut row = convert_columns(&d.columns, &target);
             let op = match d.op {
                 Op::Insert => "c",
                 Op::Update => "u",

@@ -63,7 +63,7 @@ pub async fn write(
                 continue;
             }
             Op::Insert | Op::Read => None,
-            Op::Delete => Some(convert_columns(d, target)),
+            Op::Delete => Some(convert_columns(&d.columns, target)),
             Op::Update => {
                 let before = d.before.as_ref().ok_or_else(|| DeltaError::Unplaceable {
                     table: format!("{}.{}", rel.schema, rel.table),
@@ -73,12 +73,7 @@ pub async fn write(
                         d.source.lsn
                     ),
                 })?;
-                let mut old = ChangeDocument {
-                    columns: before.clone(),
-                    ..(*d).clone()
-                };
-                old.before = None;
-                Some(convert_columns(&old, target))
+                Some(convert_columns(before, target))
             }
         };
         if let Some(old) = &old {
@@ -94,7 +89,7 @@ pub async fn write(
             }
         }
         if d.op != Op::Delete {
-            let mut row = convert_columns(d, target);
+            let mut row = convert_columns(&d.columns, target);
             // Unchanged TOAST values: the old row has them.
             if let Some(old) = &old {
                 for u in &d.unchanged {

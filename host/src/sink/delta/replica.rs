@@ -232,10 +232,21 @@ impl Reduced {
             let mut raw = Map::new();
             for (name, ty) in &columns {
                 if let Some(v) = src.remove(*name) {
-                    let converted = to_arrow_json_ref(&v, ty).into_owned();
-                    if lost(&v, &converted) {
-                        raw.insert(name.to_string(), v);
-                    }
+                    // Most values go as they are (moved, not copied); only a converted
+                    // one can have lost something.
+                    let changed = match to_arrow_json_ref(&v, ty) {
+                        Cow::Borrowed(_) => None,
+                        Cow::Owned(c) => Some(c),
+                    };
+                    let converted = match changed {
+                        None => v,
+                        Some(c) => {
+                            if lost(&v, &c) {
+                                raw.insert(name.to_string(), v);
+                            }
+                            c
+                        }
+                    };
                     out.insert(name.to_string(), converted);
                 } else if let Some(v) = p.stored.get(*name) {
                     out.insert(name.to_string(), v.clone());
