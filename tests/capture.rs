@@ -130,7 +130,7 @@ async fn a_backlog_raises_the_low_water_mark_and_a_lone_change_still_arrives() {
                 CaptureEvent::Change(doc) => {
                     break serde_json::from_str::<Value>(&doc.to_json()).unwrap();
                 }
-                CaptureEvent::Schema(_) => {}
+                CaptureEvent::Schema(_) | CaptureEvent::Idle { .. } => {}
                 other => panic!("expected the lone change, got {other:?}"),
             }
         };
@@ -410,6 +410,7 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
     // Restart: the unacknowledged transaction comes again; the durable one does not.
     let opts = CaptureOptions {
         resume: Resume::After(positions[0]),
+        idle_interval: Duration::from_secs(1),
         ..CaptureOptions::default()
     };
     let mut capture = Capture::start(&source, opts.clone()).await.unwrap();
@@ -434,7 +435,9 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
         .parse()
         .unwrap();
     let keepalives = async {
-        // Keep the stream moving so keepalives arrive; nothing else is delivered.
+        // Keep the stream moving so keepalives arrive; nothing else is delivered, and
+        // the idle positions offered are acknowledged as a consumer that records them
+        // would.
         while let Ok(Ok(Some(ev))) =
             tokio::time::timeout(Duration::from_secs(20), capture.next()).await
         {
@@ -442,6 +445,9 @@ async fn resume_skips_what_the_consumer_made_durable_and_acks_while_idle() {
                 !matches!(ev, CaptureEvent::Change(_)),
                 "unexpected change {ev:?}"
             );
+            if let CaptureEvent::Idle { position } = ev {
+                capture.acknowledge(position);
+            }
         }
     };
     let watch = wait_for("the slot to advance past unrelated WAL", 20, || {

@@ -301,3 +301,147 @@ async fn kill_9_during_transactions_in_parts_across_tables_loses_and_repeats_no_
     }
     assert_replicas_equal(&db, &lake).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_advanced_by_someone_else_stops_the_next_start_and_start_over_recovers() {
+    let db = TestDb::new("slotahead");
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a VALUES (1, 'one');");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["a"], &lake);
+    run_until_now(&db, &cfg).await;
+
+    // An idle pipeline on a busy server records the server's position before it
+    // acknowledges it: the slot moves on, and the next start is not mistaken for one
+    // whose slot someone else advanced.
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let pipeline = tokio::spawn({
+        let cfg = cfg.clone();
+        async move {
+            let opts = weir::pipeline::RunOptions {
+                idle_interval: Some(std::time::Duration::from_millis(200)),
+                ..Default::default()
+            };
+            weir::pipeline::run(&cfg, opts, rx).await
+        }
+    });
+    db.cluster.create_database("elsewhere").unwrap();
+    db.cluster
+        .psql(
+            "elsewhere",
+            "CREATE TABLE x AS SELECT generate_series(1, 10000) i",
+        )
+        .unwrap();
+    let wal_now = now_lsn(&db);
+    support::wait_for("the idle slot to advance", 30, || {
+        db.confirmed_flush("weir") >= wal_now
+    })
+    .await;
+    stop.send(true).unwrap();
+    pipeline.await.unwrap().expect("pipeline stopped cleanly");
+    db.sql("INSERT INTO a VALUES (2, 'two');");
+    run_until_now(&db, &cfg).await;
+
+    // Someone else reads the slot while weir is stopped: the row they consumed cannot
+    // come again, and weir says so rather than go on without it.
+    db.sql("INSERT INTO a VALUES (3, 'three');");
+    db.sql("SELECT pg_replication_slot_advance('weir', pg_current_wal_lsn())");
+    let acked = db.confirmed_flush("weir");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let err = weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("advanced") && err.contains("--start-over"),
+        "{err}"
+    );
+    assert_eq!(
+        db.confirmed_flush("weir"),
+        acked,
+        "the slot was left as it was"
+    );
+
+    // Starting over rebuilds the replica from a new slot.
+    db.sql("UPDATE a SET v = 'uno' WHERE id = 1;");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    weir::pipeline::run(
+        &cfg,
+        weir::pipeline::RunOptions {
+            stop_at: Some(now_lsn(&db)),
+            start_over: true,
+            ..Default::default()
+        },
+        rx,
+    )
+    .await
+    .expect("started over");
+    db.sql("INSERT INTO a VALUES (4, 'four');");
+    run_until_now(&db, &cfg).await;
+    assert_query_equal(
+        &db,
+        &lake,
+        "SELECT id::text, v FROM a ORDER BY a.id",
+        "SELECT id, v FROM a ORDER BY id",
+        "a after starting over",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_crashes_under_load_are_retried_and_every_change_lands_once() {
+    let db = TestDb::new("servercrash");
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text); \
+         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["a", "b"], &lake);
+    cfg.lake.part_rows = 500;
+    run_until_now(&db, &cfg).await;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            weir::pipeline::run_with_retries(&cfg, weir::pipeline::RunOptions::default(), rx).await
+        })
+    };
+    for round in 0..3u64 {
+        db.sql(&format!(
+            "BEGIN; INSERT INTO a SELECT g, 'r{round}' FROM generate_series({}, {}) g; \
+             UPDATE b SET v = 'r{round}' WHERE id <= 100; COMMIT;",
+            round * 600 + 1,
+            round * 600 + 600
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(100 + 200 * round)).await;
+        // An immediate shutdown is a crash: the server recovers from its WAL at start.
+        db.cluster.stop().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        db.cluster.start_again().unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let done = lake.join("b_changes").exists()
+            && lake_rows(&lake, "SELECT count(*) FROM b_changes WHERE NOT _snapshot").await[0][0]
+                == "300"
+            && lake_rows(&lake, "SELECT count(*) FROM a").await[0][0] == "1800";
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pipeline did not catch up after the crashes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    stop.send(true).unwrap();
+    task.await
+        .unwrap()
+        .expect("the pipeline ended without an error");
+    run_until_now(&db, &cfg).await;
+    assert_eq!(streamed(&lake, "a").await, rows(&[("c", 1800, 1800)]));
+    assert_eq!(streamed(&lake, "b").await, rows(&[("u", 300, 100)]));
+    assert_replicas_equal(&db, &lake).await;
+}

@@ -238,3 +238,124 @@ async fn widened_column_types_evolve_the_lake_and_a_narrowing_stops_with_the_fix
         "nothing was acknowledged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_drops_and_defaults_keep_every_value_of_the_rows_around_them() {
+    let db = TestDb::new("reshape");
+    db.sql(
+        "CREATE TABLE s (id int PRIMARY KEY, a text, b int); \
+         INSERT INTO s VALUES (1, 'one', 10), (2, 'two', 20);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["s"], &lake);
+    run_until_now(&db, &cfg).await;
+    // Schema changes between row changes of one transaction: each change keeps its values.
+    db.sql(
+        "BEGIN; \
+         INSERT INTO s VALUES (3, 'three', 30); \
+         ALTER TABLE s RENAME COLUMN a TO a2; \
+         INSERT INTO s VALUES (4, 'four', 40); \
+         ALTER TABLE s ADD COLUMN c int DEFAULT 7; \
+         INSERT INTO s (id, a2, b) VALUES (5, 'five', 50); \
+         UPDATE s SET b = b + 1 WHERE id = 1; \
+         ALTER TABLE s DROP COLUMN b; \
+         INSERT INTO s VALUES (6, 'six', 6); \
+         COMMIT;",
+    );
+    // Added with defaults, in a transaction of its own.
+    db.sql(
+        "ALTER TABLE s ADD COLUMN d text NOT NULL DEFAULT 'dee', ADD COLUMN e numeric DEFAULT 2.5, \
+           ADD COLUMN f int; \
+         INSERT INTO s (id, a2, c, f) VALUES (7, 'seven', 0, 1);",
+    );
+    run_until_now(&db, &cfg).await;
+    // While weir is stopped: renamed again (the replica learns it at the next start).
+    db.sql(
+        "ALTER TABLE s RENAME COLUMN a2 TO name; ALTER TABLE s RENAME COLUMN d TO dd; \
+         UPDATE s SET c = 8 WHERE id = 2; INSERT INTO s (id, name) VALUES (8, 'eight');",
+    );
+    run_until_now(&db, &cfg).await;
+    let pg = "SELECT id::text, name, c::text, dd, e::text, f::text FROM s ORDER BY s.id";
+    let delta = "SELECT id, name, c, dd, CAST(e AS VARCHAR) AS e, f FROM s ORDER BY id";
+    assert_query_equal(&db, &lake, pg, delta, "s after renames, drops and defaults").await;
+    // Every change in the change log once, with its values under the names of its time.
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT _op, id, coalesce(a, a2, name) AS n, CAST(b AS VARCHAR) AS b \
+             FROM s_changes ORDER BY _lsn, _seq"
+        )
+        .await,
+        [
+            ["r", "1", "one", "10"],
+            ["r", "2", "two", "20"],
+            ["c", "3", "three", "30"],
+            ["c", "4", "four", "40"],
+            ["c", "5", "five", "50"],
+            ["u", "1", "one", "11"],
+            ["c", "6", "six", "NULL"],
+            ["c", "7", "seven", "NULL"],
+            ["u", "2", "two", "NULL"],
+            ["c", "8", "eight", "NULL"],
+        ]
+        .map(|r| r.map(String::from).to_vec())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_created_while_streaming_are_known_without_a_restart() {
+    let db = TestDb::new("newtypes");
+    db.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["t"], &lake);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let pipeline = tokio::spawn({
+        let cfg = cfg.clone();
+        async move { weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx).await }
+    });
+    let rows = |sql: &'static str| {
+        let lake = lake.clone();
+        async move {
+            for _ in 0..300 {
+                if lake.join("t").join("_delta_log").exists() {
+                    let q = lake_query(&lake, "weir").await;
+                    if let Ok(b) = q.sql(sql).await {
+                        let rows = batches_to_rows(&b);
+                        if !rows.is_empty() {
+                            return rows;
+                        }
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("the lake never answered {sql}");
+        }
+    };
+    rows("SELECT id FROM t").await;
+    db.sql(
+        "CREATE TYPE level AS ENUM ('low', 'high'); CREATE DOMAIN cents AS bigint CHECK (VALUE >= 0); \
+         CREATE DOMAIN levels AS level[]; \
+         ALTER TABLE t ADD COLUMN lv level, ADD COLUMN amount cents, ADD COLUMN lvs levels; \
+         INSERT INTO t VALUES (2, 'high', 1250, '{low,high}');",
+    );
+    let got = rows(
+        "SELECT lv, arrow_typeof(amount), CAST(amount + 1 AS VARCHAR) AS a, arrow_typeof(lvs), \
+           array_length(lvs, 1) AS n FROM t WHERE id = 2",
+    )
+    .await;
+    stop.send(true).unwrap();
+    pipeline.await.unwrap().expect("pipeline stopped cleanly");
+    assert_eq!(got[0][0], "high");
+    assert_eq!(
+        got[0][1], "Int64",
+        "a domain over bigint is a bigint column: {got:?}"
+    );
+    assert_eq!(got[0][2], "1251");
+    assert!(
+        got[0][3].starts_with("List"),
+        "an array of an enum is a list: {got:?}"
+    );
+    assert_eq!(got[0][4], "2");
+}

@@ -127,6 +127,13 @@ pub struct ColumnInfo {
     /// Part of the row's key: the primary key when the table has one, else the replica
     /// identity.
     pub key: bool,
+    /// `attnum`: the column's number in its table, which a `RENAME COLUMN` keeps and a
+    /// `DROP` + `ADD` does not (`None` when the catalog no longer has a column of that
+    /// name: renamed or dropped again since).
+    pub attnum: Option<i16>,
+    /// The value rows that existed before `ADD COLUMN ... DEFAULT x` have for it
+    /// (`attmissingval`), when PostgreSQL keeps one.
+    pub missing: Option<serde_json::Value>,
 }
 
 /// The current shape of a table.

@@ -95,7 +95,9 @@ pub async fn changes(capture: &mut Capture, n: usize) -> Vec<Value> {
             CaptureEvent::Commit { position, .. } | CaptureEvent::BackfillDone { position } => {
                 capture.acknowledge(position)
             }
-            CaptureEvent::BackfillTable { .. } | CaptureEvent::Schema(_) => {}
+            CaptureEvent::BackfillTable { .. }
+            | CaptureEvent::Schema(_)
+            | CaptureEvent::Idle { .. } => {}
         }
     }
     out
@@ -111,7 +113,9 @@ pub async fn backfill(capture: &mut Capture) -> Vec<Value> {
                 capture.acknowledge(position);
                 return out;
             }
-            CaptureEvent::BackfillTable { .. } | CaptureEvent::Schema(_) => {}
+            CaptureEvent::BackfillTable { .. }
+            | CaptureEvent::Schema(_)
+            | CaptureEvent::Idle { .. } => {}
             CaptureEvent::Commit { .. } => panic!("commit before the backfill was done"),
         }
     }

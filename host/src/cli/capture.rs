@@ -139,6 +139,11 @@ pub async fn capture_to(
                 tracing::info!(%position, "backfill complete; streaming");
             }
             CaptureEvent::Schema(_) => {}
+            CaptureEvent::Idle { position } => {
+                sink.end_transaction(position);
+                flush(&mut sink, &capture)?;
+                last_flush = Instant::now();
+            }
             CaptureEvent::Commit { position, .. } => {
                 sink.end_transaction(position);
                 if !capture.has_pending() || last_flush.elapsed() >= MAX_FLUSH_DELAY {
@@ -237,7 +242,7 @@ pub async fn demo(lake: PathBuf) -> Result<ExitCode> {
             tracing::warn!(error = %e, "demo data generator stopped");
         }
     });
-    let result = super::run::run_config(&config, None).await;
+    let result = super::run::run_config(&config, None, false).await;
     writer.abort();
     let stats = result?;
     eprintln!(

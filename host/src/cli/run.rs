@@ -21,11 +21,16 @@ pub struct RunArgs {
     /// Stop once every transaction that committed before this LSN is in the lake.
     #[arg(long)]
     until: Option<Lsn>,
+    /// Start over: drop the replication slot and backfill every table again (replicas
+    /// are rebuilt; change logs keep their history). For a slot that another consumer
+    /// advanced, or any lake that no longer matches its slot.
+    #[arg(long)]
+    start_over: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let stats = run_config(&config, args.until).await?;
+    let stats = run_config(&config, args.until, args.start_over).await?;
     eprintln!(
         "stopped: {} changes in {} commits{}",
         stats.changes,
@@ -39,7 +44,11 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 /// Runs the pipeline until a signal (or `until`), stopping in order on SIGINT/SIGTERM.
-pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline::RunStats> {
+pub async fn run_config(
+    config: &Config,
+    until: Option<Lsn>,
+    start_over: bool,
+) -> Result<pipeline::RunStats> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -74,6 +83,8 @@ pub async fn run_config(config: &Config, until: Option<Lsn>) -> Result<pipeline:
         record_latency: false,
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         telemetry: Some(telemetry),
+        start_over,
+        idle_interval: None,
     };
     let result = pipeline::run_with_retries(config, opts, stop_rx).await;
     signals.abort();

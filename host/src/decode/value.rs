@@ -176,6 +176,11 @@ impl TypeRegistry {
         TypeKind::Text
     }
 
+    /// Whether the kind of type `oid` is known (builtin, or described).
+    pub fn knows(&self, oid: u32) -> bool {
+        builtin(oid).is_some() || self.custom.contains_key(&oid)
+    }
+
     /// The kind of a type OID; unknown types are text.
     pub fn kind(&self, oid: u32) -> TypeKind {
         builtin(oid)

@@ -65,6 +65,12 @@ pub struct RunOptions {
     pub status_line: bool,
     /// Where to record live figures (for `/metrics` and the dashboard).
     pub telemetry: Option<Arc<Telemetry>>,
+    /// Start over: a new slot (the old one dropped) and a backfill of every table, as if
+    /// the lake held nothing (`weir run --start-over`).
+    pub start_over: bool,
+    /// How often a pipeline with nothing to write records (and acknowledges) the server's
+    /// position, so that PostgreSQL frees WAL it does not need (default 30 s).
+    pub idle_interval: Option<Duration>,
 }
 
 /// What a run did.
@@ -191,6 +197,8 @@ enum Job {
     Schema(Arc<Relation>),
     /// A table's backfill starts (its OID).
     BeginBackfill(u32),
+    /// Nothing to write up to this position: recorded, then acknowledged.
+    Idle(Lsn),
     /// Changes to write; with a position, recorded with them (and, with `complete`, in
     /// every table: the end of the backfill).
     Write {
@@ -237,6 +245,19 @@ fn spawn_sink(
                     Err(e) => Err(e),
                 },
                 Job::BeginBackfill(oid) => sink.begin_backfill(oid).await.map(|()| None),
+                Job::Idle(position) => {
+                    let started = Instant::now();
+                    sink.record_idle(position).await.map(|()| {
+                        Some(Done {
+                            rows: Vec::new(),
+                            took: started.elapsed(),
+                            position: Some(position),
+                            changes: 0,
+                            newest_ts_ms: None,
+                            latencies_ms: Vec::new(),
+                        })
+                    })
+                }
                 Job::Write {
                     docs,
                     position,
@@ -325,7 +346,7 @@ impl SinkLink<'_> {
         let Some(jobs) = &self.jobs else {
             return Ok(());
         };
-        if matches!(job, Job::Write { .. }) {
+        if matches!(job, Job::Write { .. } | Job::Idle(_)) {
             self.in_flight += 1;
         }
         if jobs.send(job).await.is_err() {
@@ -504,7 +525,12 @@ pub async fn run(
     // The tables' one identity, from the catalog: the lake's tables are opened for it.
     let tables = Capture::describe_tables(&config.source).await?;
     let mut sink = DeltaSink::open(config, &tables).await?;
-    let resume = sink.resume();
+    let resume = if opts.start_over {
+        tracing::warn!("starting over: the slot is dropped and every table backfilled again");
+        Resume::Fresh
+    } else {
+        sink.resume()
+    };
     tracing::info!(lake = %config.lake.url, ?resume, tables = ?sink.positions(), "lake opened");
     let plugins = if config.plugins.is_empty() {
         None
@@ -524,6 +550,10 @@ pub async fn run(
         CaptureOptions {
             resume,
             stop_at: opts.stop_at,
+            recorded: sink.highest_position(),
+            idle_interval: opts
+                .idle_interval
+                .unwrap_or(CaptureOptions::default().idle_interval),
             ..CaptureOptions::default()
         },
     )
@@ -542,6 +572,9 @@ pub async fn run(
     let (jobs, done, sink_task) = spawn_sink(sink, lake_runtime.handle(), opts.record_latency);
     let mut stats = RunStats::default();
     let mut batch = Batch::default();
+    // The last shape of each table.
+    let mut shapes: std::collections::HashMap<u32, Arc<Relation>> =
+        std::collections::HashMap::new();
     let status = opts.status_line.then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(Duration::from_millis(250));
@@ -595,7 +628,19 @@ pub async fn run(
             };
             let Some(ev) = ev else { break };
             match ev {
-                CaptureEvent::Schema(rel) => link.send(Job::Schema(rel)).await?,
+                CaptureEvent::Schema(rel) => {
+                    // A table's new shape applies to the changes after it: the ones before
+                    // (in this transaction too) are written with the shape they came in,
+                    // so that a renamed or dropped column keeps their values.
+                    let reshaped = shapes
+                        .insert(rel.oid, rel.clone())
+                        .is_some_and(|old| old.columns != rel.columns);
+                    if reshaped && batch.docs.iter().any(|d| d.source.oid == rel.oid) {
+                        link.flush(&mut batch).await?;
+                        link.write_part(&mut batch).await?;
+                    }
+                    link.send(Job::Schema(rel)).await?
+                }
                 CaptureEvent::BackfillTable { oid, .. } => {
                     link.write_part(&mut batch).await?;
                     link.send(Job::BeginBackfill(oid)).await?;
@@ -612,6 +657,16 @@ pub async fn run(
                     {
                         link.flush(&mut batch).await?;
                         link.write_part(&mut batch).await?;
+                    }
+                }
+                CaptureEvent::Idle { position } => {
+                    // Everything before it was delivered. With nothing gathered, the
+                    // position is recorded (after the writes in flight) and then
+                    // acknowledged; a batch that waits for its update delay goes first,
+                    // and a later idle position covers this one.
+                    if batch.docs.is_empty() {
+                        link.flush(&mut batch).await?;
+                        link.send(Job::Idle(position)).await?;
                     }
                 }
                 CaptureEvent::BackfillDone { position } => {

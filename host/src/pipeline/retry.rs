@@ -20,9 +20,14 @@ pub async fn run_with_retries(
 ) -> Result<RunStats, PipelineError> {
     let mut backoff = FIRST_BACKOFF;
     let mut total = RunStats::default();
+    let mut opts = opts;
     loop {
         let started = std::time::Instant::now();
-        match run(config, opts.clone(), stop.clone()).await {
+        let attempt = run(config, opts.clone(), stop.clone()).await;
+        // Starting over happens once: a retry resumes (and one that finds the backfill
+        // unfinished stops with SlotAhead, which says to start over again).
+        opts.start_over = false;
+        match attempt {
             Ok(stats) => {
                 total.changes += stats.changes;
                 total.batches += stats.batches;

@@ -197,7 +197,7 @@ async fn table_columns(
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, \
-               coalesce(a.attnum = ANY (i.indkey), false), a.atttypmod \
+               coalesce(a.attnum = ANY (i.indkey), false), a.atttypmod, a.attnum \
              FROM pg_attribute a \
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
@@ -227,6 +227,8 @@ async fn table_columns(
                 type_modifier: r.get(3),
                 kind: types.kind(type_id),
                 key,
+                attnum: Some(r.get(4)),
+                missing: None,
             }
         })
         .collect())

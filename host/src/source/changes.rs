@@ -72,6 +72,28 @@ impl ChangeBuilder {
         }
     }
 
+    /// The column types of a Relation message of a configured table that are neither
+    /// builtin nor described yet (a type created after the capture started).
+    pub fn unknown_types(&self, msg: &Message<'_>) -> Vec<u32> {
+        match msg {
+            Message::Relation { id, columns, .. }
+                if self.any_table || self.primary_keys.contains_key(id) =>
+            {
+                columns
+                    .iter()
+                    .map(|c| c.type_id)
+                    .filter(|t| !self.types.knows(*t))
+                    .collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records what the catalog says about more types.
+    pub fn describe_types(&mut self, types: &[crate::decode::value::TypeDescription]) {
+        self.types.describe(types);
+    }
+
     /// Whether a change of relation `id` is one to deliver; counts those that are not.
     fn wanted(&mut self, id: u32) -> bool {
         if self.any_table || self.primary_keys.contains_key(&id) {
@@ -137,6 +159,9 @@ impl ChangeBuilder {
                             Some(pk) => pk.iter().any(|k| **k == *c.name),
                             None => c.key && !multiset,
                         },
+                        // From the catalog, by the capture (see `Worker::describe_columns`).
+                        attnum: None,
+                        missing: None,
                     })
                     .collect();
                 let rel = Arc::new(Relation {

@@ -125,6 +125,24 @@ pub enum SourceError {
         /// Where the consumer stands.
         position: Lsn,
     },
+    /// The slot was advanced past what the consumer holds by someone else (another
+    /// program reading the slot, `pg_replication_slot_advance`): the changes between were
+    /// consumed there, and PostgreSQL cannot send them again.
+    #[error(
+        "replication slot `{slot}` has been advanced to {confirmed} by another consumer, but \
+         the output holds changes only up to {held}: the changes committed in between were \
+         read elsewhere and PostgreSQL cannot send them again. Fix: start over with `weir run \
+         --start-over` (drops the slot, backfills every table again; change logs keep their \
+         history with a gap), and give every other consumer a slot of its own"
+    )]
+    SlotAhead {
+        /// The slot.
+        slot: String,
+        /// Where the slot stands.
+        confirmed: Lsn,
+        /// The highest position the consumer holds.
+        held: Lsn,
+    },
     /// A SQL statement failed.
     #[error("{context}: {}", db_message(.source))]
     Query {

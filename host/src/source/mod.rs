@@ -58,6 +58,13 @@ pub struct CaptureOptions {
     /// gone when the capture ends: for a consumer that keeps no position (`weir capture`
     /// to standard output), so that it never takes over, or drops, a pipeline's slot.
     pub temporary_slot: bool,
+    /// The highest position the consumer has recorded (its tables may stand at different
+    /// ones; `resume` is the lowest): a slot confirmed past it was advanced by someone
+    /// else, and the capture refuses to start ([`SourceError::SlotAhead`]).
+    pub recorded: Option<Lsn>,
+    /// While nothing is delivered, how often to offer the server's position
+    /// ([`CaptureEvent::Idle`]).
+    pub idle_interval: Duration,
 }
 
 impl Default for CaptureOptions {
@@ -67,6 +74,8 @@ impl Default for CaptureOptions {
             stop_at: None,
             buffer: 4096,
             temporary_slot: false,
+            recorded: None,
+            idle_interval: Duration::from_secs(30),
         }
     }
 }
@@ -94,7 +103,15 @@ pub enum CaptureEvent {
         /// The slot's consistent point.
         position: Lsn,
     },
-    /// A source transaction is complete.
+    /// Nothing to deliver up to `position` (the WAL there is other tables' or other
+    /// databases'). A consumer that records it and then acknowledges it lets PostgreSQL
+    /// free that WAL; one that does not loses nothing.
+    Idle {
+        /// The server's position; every transaction that committed before it has been
+        /// delivered.
+        position: Lsn,
+    },
+    /// A source transaction is complete (one that delivered at least one change).
     Commit {
         /// Its commit LSN (the `source.lsn` of its documents).
         lsn: Lsn,
@@ -231,7 +248,15 @@ impl Capture {
                     position,
                 });
             }
-            (Some(_), Resume::After(position)) => {
+            (Some(s), Resume::After(position)) => {
+                let held = opts.recorded.unwrap_or(position).max(position);
+                if let Some(confirmed) = s.confirmed_flush.filter(|c| *c > held) {
+                    return Err(SourceError::SlotAhead {
+                        slot: cfg.slot.clone(),
+                        confirmed,
+                        held,
+                    });
+                }
                 repl_cfg.start_lsn = position.into();
                 let repl = ReplicationClient::connect(repl_cfg)
                     .await
@@ -299,9 +324,12 @@ impl Capture {
             resume_at,
             delivered: resume_at,
             stop_at: opts.stop_at,
-            skipped_through: Lsn::ZERO,
             watcher,
             gated: backfill.is_some(),
+            catalog: None,
+            idle_interval: opts.idle_interval,
+            idle_offered: (Lsn::ZERO, tokio::time::Instant::now()),
+            txn_changes: 0,
         };
         let backfill = backfill.map(|(snapshot, point)| Backfill {
             snapshot,
@@ -460,13 +488,19 @@ struct Worker {
     delivered: Lsn,
     /// Where to stop.
     stop_at: Option<Lsn>,
-    /// End of the last transaction skipped as already durable (acknowledged by us).
-    skipped_through: Lsn,
     /// Ends with an error when a captured table is dropped or leaves the publication.
     watcher: JoinHandle<SourceError>,
     /// The replication session waits at its gate (created the slot, not yet streaming):
     /// it cannot stop gracefully then, only be dropped.
     gated: bool,
+    /// A SQL session for what Relation messages do not say (column numbers, values of
+    /// rows older than an added column, types created since the start).
+    catalog: Option<tokio_postgres::Client>,
+    /// How often an idle position is offered, and the last one offered (and when).
+    idle_interval: Duration,
+    idle_offered: (Lsn, tokio::time::Instant),
+    /// Changes delivered of the open transaction.
+    txn_changes: usize,
 }
 
 impl Worker {
@@ -547,8 +581,54 @@ impl Worker {
         if low_water.is_none() {
             tracing::debug!(slot = %self.slot, "replication socket not found: no low-water mark");
         }
-        drop(client);
+        self.catalog = Some(client);
         self.stream(repl, low_water).await
+    }
+
+    /// Learns types created after the start (an enum or a domain of a column added while
+    /// streaming), so that their values get their kind without a restart.
+    async fn load_types(
+        &mut self,
+        msg: &decode::Message<'_>,
+        unknown: &[u32],
+    ) -> Result<(), SourceError> {
+        let (Some(client), decode::Message::Relation { id, .. }) = (&self.catalog, msg) else {
+            return Ok(());
+        };
+        let types = setup::type_descriptions(client, &[*id]).await?;
+        tracing::info!(oid = id, types = ?unknown, "read the catalog for types created since the start");
+        self.builder.describe_types(&types);
+        Ok(())
+    }
+
+    /// Adds what the catalog says about the relation's columns: their numbers (which tell
+    /// a renamed column from a dropped and added one) and the value older rows have for a
+    /// column added with a default. The catalog is read now, not as of the message: a
+    /// column renamed or dropped again since has no number.
+    async fn describe_columns(
+        &self,
+        rel: Arc<relation::Relation>,
+    ) -> Result<Arc<relation::Relation>, SourceError> {
+        let Some(client) = &self.catalog else {
+            return Ok(rel);
+        };
+        let found = setup::catalog_columns(client, rel.oid).await?;
+        let mut described = (*rel).clone();
+        for c in &mut described.columns {
+            // Same name and type: most likely the same column (a column of that name
+            // dropped and added since is told apart only when its type differs).
+            if let Some(f) = found
+                .iter()
+                .find(|f| *f.name == *c.name && f.type_id == c.type_id)
+            {
+                c.attnum = Some(f.attnum);
+                c.missing = f
+                    .missing
+                    .as_deref()
+                    .map(|text| decode::value::to_json(&c.kind, text));
+            }
+        }
+        Ok(Arc::new(described))
     }
 
     fn repl_error(&self, source: pgwire_replication::PgWireError) -> SourceError {
@@ -619,6 +699,7 @@ impl Worker {
                         return Ok(());
                     }
                     let skip = lsn < self.resume_at;
+                    self.txn_changes = 0;
                     if let Some(mark) = low_water.as_mut() {
                         mark.on_transaction(pg_time_to_unix_ms(commit_time_micros));
                     }
@@ -644,6 +725,10 @@ impl Worker {
                         lsn: wal_start.into(),
                         source,
                     })?;
+                    let unknown = self.builder.unknown_types(&msg);
+                    if !unknown.is_empty() {
+                        self.load_types(&msg, &unknown).await?;
+                    }
                     let Some((t, skip)) = txn.as_mut() else {
                         // Relation messages may only come inside transactions; anything
                         // else outside one is a protocol violation worth stopping for.
@@ -661,6 +746,7 @@ impl Worker {
                             })?;
                     match (decoded, *skip) {
                         (Decoded::Documents(docs), false) => {
+                            self.txn_changes += docs.len();
                             for doc in docs {
                                 self.events.push(CaptureEvent::Change(doc)).await?;
                             }
@@ -668,6 +754,7 @@ impl Worker {
                         // Schemas go out also inside skipped transactions: later changes
                         // rely on them.
                         (Decoded::Schema(rel), _) => {
+                            let rel = self.describe_columns(rel).await?;
                             self.events.push(CaptureEvent::Schema(rel)).await?;
                         }
                         _ => {}
@@ -680,8 +767,11 @@ impl Worker {
                             // Durable downstream already: acknowledge right away.
                             tracing::debug!(lsn = %Lsn::from(lsn), "skipped a transaction delivered before the restart");
                             repl.update_applied_lsn(end_lsn);
-                            self.skipped_through = position;
                         }
+                        // Nothing of it to deliver (changes of published tables that
+                        // source.tables leaves out): no commit to record; an idle
+                        // position covers it.
+                        Some(_) if self.txn_changes == 0 => {}
                         _ => {
                             self.events
                                 .push(CaptureEvent::Commit {
@@ -706,14 +796,21 @@ impl Worker {
                     {
                         return Ok(());
                     }
-                    // Idle: when everything delivered is acknowledged, the server's position
-                    // can be acknowledged too, so WAL of unrelated activity is not retained.
-                    let acked = (*self.ack.borrow()).max(self.skipped_through);
-                    if txn.is_none() && acked >= self.delivered && acked > Lsn::ZERO {
-                        let wal_end = Lsn::from(wal_end);
-                        if wal_end > acked {
-                            repl.update_applied_lsn(wal_end.into());
-                        }
+                    // Idle: the server's position is offered to the consumer, which
+                    // records it before acknowledging it (an acknowledgment the consumer
+                    // has not recorded would look, at the next start, like someone else
+                    // advancing the slot).
+                    let wal_end = Lsn::from(wal_end);
+                    let (offered, at) = self.idle_offered;
+                    if txn.is_none()
+                        && wal_end > offered.max(self.delivered)
+                        && at.elapsed() >= self.idle_interval
+                    {
+                        self.idle_offered = (wal_end, tokio::time::Instant::now());
+                        self.events
+                            .push(CaptureEvent::Idle { position: wal_end })
+                            .await?;
+                        self.events.flush().await?;
                     }
                 }
                 ReplicationEvent::Message { .. } => {}

@@ -121,12 +121,23 @@ pub async fn load_types(
     tables: &[TableInfo],
 ) -> Result<TypeRegistry, SourceError> {
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let mut registry = TypeRegistry::default();
+    registry.describe(&type_descriptions(client, &oids).await?);
+    Ok(registry)
+}
+
+/// What the catalog says about the non-builtin types of the columns of tables `oids`
+/// (also types created since the capture started: an enum or a domain of a new column).
+pub async fn type_descriptions(
+    client: &Client,
+    oids: &[u32],
+) -> Result<Vec<TypeDescription>, SourceError> {
     let rows = client
         .query(TypeRegistry::CATALOG_QUERY, &[&oids])
         .await
         .map_err(query_err("reading column types"))?;
     let parse = |s: String| s.parse::<u32>().unwrap_or(0);
-    let types: Vec<TypeDescription> = rows
+    Ok(rows
         .into_iter()
         .map(|r| TypeDescription {
             oid: parse(r.get(0)),
@@ -134,10 +145,52 @@ pub async fn load_types(
             element: parse(r.get(2)),
             base: parse(r.get(3)),
         })
-        .collect();
-    let mut registry = TypeRegistry::default();
-    registry.describe(&types);
-    Ok(registry)
+        .collect())
+}
+
+/// A column as the catalog has it now: its number and, for rows older than an `ADD
+/// COLUMN ... DEFAULT x`, their value (`attmissingval`) as text.
+pub struct CatalogColumn {
+    pub name: String,
+    pub type_id: u32,
+    pub attnum: i16,
+    pub missing: Option<String>,
+}
+
+/// The live columns of table `oid`, from the catalog.
+pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>, SourceError> {
+    const SQL: &str = "SELECT attname::text, attnum, atttypid, \
+           CASE WHEN atthasmissing THEN (attmissingval::text::text[])[1] END \
+         FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped";
+    let rows = match client.query(SQL, &[&oid]).await {
+        Ok(rows) => rows,
+        // A role that may not read attmissingval still learns the numbers.
+        Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42501") => {
+            tracing::warn!(
+                oid,
+                "cannot read pg_attribute.attmissingval: rows older than an ADD COLUMN ... DEFAULT \
+                 show NULL for it in the replica"
+            );
+            client
+                .query(
+                    "SELECT attname::text, attnum, atttypid, NULL::text FROM pg_attribute \
+                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                    &[&oid],
+                )
+                .await
+                .map_err(query_err("reading a table's columns"))?
+        }
+        Err(e) => return Err(query_err("reading a table's columns")(e)),
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| CatalogColumn {
+            name: r.get(0),
+            attnum: r.get(1),
+            type_id: r.get(2),
+            missing: r.get(3),
+        })
+        .collect())
 }
 
 fn quote_ident(s: &str) -> String {
@@ -327,6 +380,8 @@ pub struct SlotState {
     pub database: Option<String>,
     /// PID of the session holding it.
     pub active_pid: Option<i32>,
+    /// Where its consumer last confirmed it stands.
+    pub confirmed_flush: Option<crate::lsn::Lsn>,
 }
 
 /// Reads the slot, if it exists.
@@ -345,6 +400,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         slot_type: r.get(1),
         database: r.get(2),
         active_pid: r.get(3),
+        confirmed_flush: r.get::<_, Option<String>>(4).and_then(|l| l.parse().ok()),
     }))
 }
 

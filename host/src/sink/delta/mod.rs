@@ -21,6 +21,7 @@ pub mod collection;
 mod engine;
 mod multiset;
 pub mod replica;
+mod reshape;
 pub mod schema;
 pub mod table;
 
@@ -620,6 +621,32 @@ impl DeltaSink {
         lowest.map_or(Resume::Fresh, Resume::After)
     }
 
+    /// The highest position any table holds: every position weir acknowledged is
+    /// recorded in at least one table.
+    pub fn highest_position(&self) -> Option<Lsn> {
+        self.lake_tables().filter_map(|t| t.version).max()
+    }
+
+    /// Records an idle position (nothing to write before it) in one table, the one that
+    /// stands highest already: one commit, rather than one per table, so that a quiet
+    /// pipeline on a busy server acknowledges its way forward cheaply.
+    pub async fn record_idle(&mut self, position: Lsn) -> Result<(), DeltaError> {
+        let table = self
+            .tables
+            .values_mut()
+            .flat_map(|t| std::iter::once(&mut t.replica).chain(t.changes.as_mut()))
+            .filter(|t| t.exists())
+            .max_by_key(|t| t.version);
+        match table {
+            Some(t) if t.version.is_none_or(|v| v < position) => {
+                t.commit_position(position).await?;
+                self.stats.commits += 1;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Each table and the position it holds (`None`: nothing yet).
     pub fn positions(&self) -> Vec<(String, Option<Lsn>)> {
         let mut v: Vec<_> = self
@@ -641,6 +668,28 @@ impl DeltaSink {
                 oid: rel.oid,
             })?;
         t.display = format!("{}.{}", rel.schema, rel.table);
+        // A source column under a name weir writes its own values in.
+        let mut reserved = vec![LSN, COMMIT_TS, RAW];
+        if t.delete == DeleteMode::Soft {
+            reserved.push(DELETED);
+        }
+        if t.changes.is_some() {
+            reserved.extend([OP, TXID, SEQ, SNAPSHOT, BEFORE, UNCHANGED]);
+        }
+        if let Some(c) = rel.columns.iter().find(|c| reserved.contains(&&*c.name)) {
+            return Err(DeltaError::Unplaceable {
+                table: t.display.clone(),
+                reason: format!(
+                    "its column `{}` has the name of a column weir adds to its Delta tables ({}). \
+                     Fix: rename the column in PostgreSQL (ALTER TABLE {} RENAME COLUMN \"{}\" TO ...), \
+                     or leave the table out of source.tables",
+                    c.name,
+                    reserved.join(", "),
+                    crate::relation::quote_qualified(&rel.schema, &rel.table),
+                    c.name.replace('"', "\"\"")
+                ),
+            });
+        }
         t.relation = Some(rel);
         Ok(())
     }
@@ -907,7 +956,7 @@ async fn write_replica(
     docs: &[&ChangeDocument],
     position: Option<Lsn>,
 ) -> Result<(), DeltaError> {
-    lt.ensure_fields(&replica_fields(rel, delete)).await?;
+    reshape::follow(lt, rel, &replica_fields(rel, delete)).await?;
     let target = lt.arrow_schema().ok_or_else(|| DeltaError::Missing {
         table: lt.name.clone(),
     })?;

@@ -516,6 +516,8 @@ mod tests {
             type_modifier,
             kind,
             key,
+            attnum: None,
+            missing: None,
         };
         Relation {
             oid: 0,

@@ -527,6 +527,8 @@ mod tests {
             type_modifier,
             kind,
             key: false,
+            attnum: None,
+            missing: None,
         }
     }
 

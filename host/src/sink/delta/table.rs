@@ -542,6 +542,56 @@ impl LakeTable {
         }
     }
 
+    /// A table property (`None` when unset or before the table exists).
+    pub fn property(&self, key: &str) -> Option<String> {
+        let snapshot = self.table.as_ref()?.snapshot().ok()?;
+        snapshot.metadata().configuration().get(key).cloned()
+    }
+
+    /// Sets a table property (keeps the position).
+    pub async fn set_property(&mut self, key: &str, value: String) -> Result<(), DeltaError> {
+        let table = self.take().await?;
+        let result = table
+            .set_tbl_properties()
+            .with_properties(HashMap::from([(key.to_string(), value)]))
+            .with_raise_if_not_exists(false)
+            .with_commit_properties(self.properties(self.version))
+            .await;
+        match result {
+            Ok(table) => {
+                self.loaded(table);
+                Ok(())
+            }
+            Err(e) => self.failed("setting a property of", e).await,
+        }
+    }
+
+    /// Sets columns of every row to expressions over the row (one rewrite, one commit
+    /// that keeps the position).
+    pub async fn update_every_row(
+        &mut self,
+        sets: Vec<(String, deltalake::datafusion::prelude::Expr)>,
+        // Column names as they are (no case folding, no dots read as nesting).
+    ) -> Result<(), DeltaError> {
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let table = self.take().await?;
+        let mut builder = table
+            .update()
+            .with_commit_properties(self.properties(self.version));
+        for (name, expr) in sets {
+            builder = builder.with_update(column(&name), expr);
+        }
+        match builder.await {
+            Ok((table, _)) => {
+                self.loaded(table);
+                Ok(())
+            }
+            Err(e) => self.failed("updating the rows of", e).await,
+        }
+    }
+
     /// The table, up to date, for an operation that consumes it.
     async fn take(&mut self) -> Result<DeltaTable, DeltaError> {
         // deltalake's own commits may checkpoint too: ours is written first.

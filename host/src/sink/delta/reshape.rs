@@ -1,0 +1,131 @@
+//! A replica's columns follow the source table's through schema changes that Delta cannot
+//! express as such: a renamed column (`RENAME COLUMN`) takes its values to the new name,
+//! and a column added with a default (`ADD COLUMN ... DEFAULT x`) has `x` in the rows
+//! that existed before, as in PostgreSQL.
+//!
+//! Columns are told apart by their number in the source table (`attnum`), which a rename
+//! keeps and a drop and add does not. The replica records the numbers of the columns it
+//! last followed in a table property, so that a change made while weir was stopped is
+//! recognised too.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use deltalake::arrow::datatypes::{Field, Schema};
+use deltalake::datafusion::prelude::{Expr, lit};
+use deltalake::datafusion::scalar::ScalarValue;
+
+use super::DeltaError;
+use super::replica::column;
+use super::schema::{record_batch, to_arrow_json};
+use super::table::LakeTable;
+use crate::relation::Relation;
+
+/// Table property: the source's column numbers and the replica column each one fills.
+pub const COLUMNS_PROPERTY: &str = "weir.columns";
+
+type Numbers = BTreeMap<i16, String>;
+
+fn numbers(rel: &Relation) -> Numbers {
+    rel.columns
+        .iter()
+        .filter_map(|c| Some((c.attnum?, c.name.to_string())))
+        .collect()
+}
+
+/// Makes the replica's columns `fields` (the relation's, then weir's) follow `rel`: adds
+/// the new ones, carries renamed columns' values over and fills added columns' defaults
+/// into the older rows. Run before a write with `rel`, and again after a crash in the
+/// middle: each step is safe to repeat.
+pub async fn follow(
+    lt: &mut LakeTable,
+    rel: &Relation,
+    fields: &[Field],
+) -> Result<(), DeltaError> {
+    // A table created now, or one from before weir recorded numbers: nothing to follow.
+    let before: Option<Numbers> = lt
+        .property(COLUMNS_PROPERTY)
+        .and_then(|text| serde_json::from_str(&text).ok());
+    lt.ensure_fields(fields).await?;
+    let mut now = numbers(rel);
+    let Some(before) = before else {
+        if lt.exists() && !now.is_empty() {
+            lt.set_property(
+                COLUMNS_PROPERTY,
+                serde_json::to_string(&now).expect("a map"),
+            )
+            .await?;
+        }
+        return Ok(());
+    };
+    // A column without a number (renamed or dropped again since) tells nothing new:
+    // what was known of the others stays.
+    for (n, name) in &before {
+        now.entry(*n).or_insert_with(|| name.clone());
+    }
+    if before == now {
+        return Ok(());
+    }
+    let existing: Vec<String> = lt
+        .arrow_schema()
+        .map(|s| s.fields().iter().map(|f| f.name().clone()).collect())
+        .unwrap_or_default();
+    let mut sets: Vec<(String, Expr)> = Vec::new();
+    for c in &rel.columns {
+        let Some(n) = c.attnum else { continue };
+        match before.get(&n) {
+            // Renamed: the older rows' values are under the old name (which stays, as a
+            // dropped column does, NULL from now on).
+            Some(old) if **old != *c.name && existing.contains(old) => {
+                tracing::warn!(
+                    table = %lt.name,
+                    from = %old,
+                    to = %c.name,
+                    "a source column was renamed: its values are copied to the new name (table rewritten)"
+                );
+                sets.push((c.name.to_string(), Expr::Column(column(old))));
+            }
+            Some(_) => {}
+            // Added since: rows from before have the default PostgreSQL keeps for them.
+            None => {
+                let Some(value) = c.missing.as_ref().filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                let Some(field) = fields.iter().find(|f| **f.name() == *c.name) else {
+                    continue;
+                };
+                match literal(field, value) {
+                    Some(l) => {
+                        tracing::info!(
+                            table = %lt.name,
+                            column = %c.name,
+                            "a source column was added with a default: older rows get it (table rewritten)"
+                        );
+                        sets.push((c.name.to_string(), l));
+                    }
+                    None => tracing::warn!(
+                        table = %lt.name,
+                        column = %c.name,
+                        %value,
+                        "the default of an added column does not fit its Delta type: older rows show NULL"
+                    ),
+                }
+            }
+        }
+    }
+    lt.update_every_row(sets).await?;
+    lt.set_property(
+        COLUMNS_PROPERTY,
+        serde_json::to_string(&now).expect("a map"),
+    )
+    .await
+}
+
+/// `value` as a literal of `field`'s type, converted as a written row's value is.
+fn literal(field: &Field, value: &serde_json::Value) -> Option<Expr> {
+    let json = to_arrow_json(value.clone(), field.data_type());
+    let schema = std::sync::Arc::new(Schema::new(vec![field.clone().with_nullable(true)]));
+    let batch = record_batch(schema, &[vec![Cow::Owned(json)]]).ok()?;
+    let scalar = ScalarValue::try_from_array(batch.column(0), 0).ok()?;
+    (!scalar.is_null()).then(|| lit(scalar))
+}
