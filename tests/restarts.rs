@@ -304,7 +304,8 @@ async fn kill_9_during_transactions_in_parts_across_tables_loses_and_repeats_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_advanced_by_someone_else_stops_the_next_start_and_start_over_recovers() {
-    let db = TestDb::new("slotahead");
+    // Commits wait for their WAL: the slot can only be advanced over flushed WAL.
+    let db = TestDb::with_conf("slotahead", weir::local_postgres::SYNCHRONOUS_COMMIT);
     db.sql("CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a VALUES (1, 'one');");
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
@@ -345,13 +346,19 @@ async fn a_slot_advanced_by_someone_else_stops_the_next_start_and_start_over_rec
     // Someone else reads the slot while weir is stopped: the row they consumed cannot
     // come again, and weir says so rather than go on without it.
     db.sql("INSERT INTO a VALUES (3, 'three');");
+    let held = db.confirmed_flush("weir");
     db.sql("SELECT pg_replication_slot_advance('weir', pg_current_wal_lsn())");
     let acked = db.confirmed_flush("weir");
+    assert!(acked > held, "the slot was advanced past the row");
     let (_stop, rx) = tokio::sync::watch::channel(false);
-    let err = weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx),
+    )
+    .await
+    .expect("the start stopped")
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("advanced") && err.contains("--start-over"),
         "{err}"
@@ -390,7 +397,8 @@ async fn a_slot_advanced_by_someone_else_stops_the_next_start_and_start_over_rec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_crashes_under_load_are_retried_and_every_change_lands_once() {
-    let db = TestDb::new("servercrash");
+    // Commits wait for their WAL (the test clusters' default does not): a crash keeps them.
+    let db = TestDb::with_conf("servercrash", weir::local_postgres::SYNCHRONOUS_COMMIT);
     db.sql(
         "CREATE TABLE a (id int PRIMARY KEY, v text); \
          CREATE TABLE b (id int PRIMARY KEY, v text); \
@@ -430,9 +438,14 @@ async fn server_crashes_under_load_are_retried_and_every_change_lands_once() {
         if done {
             break;
         }
+        if task.is_finished() {
+            panic!("the pipeline ended: {:?}", task.await.unwrap());
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the pipeline did not catch up after the crashes"
+            "the pipeline did not catch up after the crashes: {:?} {:?}",
+            lake_rows(&lake, "SELECT count(*) FROM b_changes WHERE NOT _snapshot").await,
+            lake_rows(&lake, "SELECT count(*) FROM a").await
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
