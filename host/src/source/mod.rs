@@ -328,7 +328,13 @@ impl Capture {
             gated: backfill.is_some(),
             catalog: None,
             idle_interval: opts.idle_interval,
-            idle_offered: (Lsn::ZERO, tokio::time::Instant::now()),
+            // The first idle position may be offered at once.
+            idle_offered: (
+                Lsn::ZERO,
+                tokio::time::Instant::now()
+                    .checked_sub(opts.idle_interval)
+                    .unwrap_or_else(tokio::time::Instant::now),
+            ),
             txn_changes: 0,
         };
         let backfill = backfill.map(|(snapshot, point)| Backfill {
