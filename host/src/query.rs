@@ -185,7 +185,7 @@ impl LakeQuery {
 }
 
 /// Folders under the lake root holding a `_delta_log`.
-async fn list_tables(lake: &Lake) -> Result<Vec<String>, QueryError> {
+pub(crate) async fn list_tables(lake: &Lake) -> Result<Vec<String>, QueryError> {
     let err = |reason: String| QueryError::Lake {
         url: lake.root.to_string(),
         reason,

@@ -550,7 +550,7 @@ pub async fn run(
         CaptureOptions {
             resume,
             stop_at: opts.stop_at,
-            recorded: sink.highest_position(),
+            recorded: sink.highest_position_in_lake().await?,
             idle_interval: opts
                 .idle_interval
                 .unwrap_or(CaptureOptions::default().idle_interval),

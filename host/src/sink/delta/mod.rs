@@ -627,6 +627,34 @@ impl DeltaSink {
         self.lake_tables().filter_map(|t| t.version).max()
     }
 
+    /// [`DeltaSink::highest_position`] over every table of the lake this pipeline wrote,
+    /// also those no longer configured (a table left out of `source.tables` holds the
+    /// positions of the transactions that touched only it).
+    pub async fn highest_position_in_lake(&self) -> Result<Option<Lsn>, DeltaError> {
+        let mut highest = self.highest_position();
+        let open: std::collections::HashSet<&str> =
+            self.lake_tables().map(|t| t.name.as_str()).collect();
+        let names =
+            crate::query::list_tables(&self.lake)
+                .await
+                .map_err(|e| DeltaError::Location {
+                    url: self.lake.root.to_string(),
+                    reason: e.to_string(),
+                })?;
+        for name in names.iter().filter(|n| !open.contains(n.as_str())) {
+            let t = LakeTable::open(
+                name,
+                self.lake.table_url(name),
+                self.lake.storage.clone(),
+                &self.pipeline,
+                self.checkpoint_interval,
+            )
+            .await?;
+            highest = highest.max(t.version);
+        }
+        Ok(highest)
+    }
+
     /// Records an idle position (nothing to write before it) in one table, the one that
     /// stands highest already: one commit, rather than one per table, so that a quiet
     /// pipeline on a busy server acknowledges its way forward cheaply.
