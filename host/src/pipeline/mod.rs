@@ -54,7 +54,7 @@ pub struct RunOptions {
     /// Stop once every transaction that committed before this position is written.
     pub stop_at: Option<Lsn>,
     /// For crash tests: abort the process after this many batches are committed to the
-    /// lake, before their position is acknowledged.
+    /// lake (idle positions recorded do not count), before their position is acknowledged.
     pub crash_after_commits: Option<u64>,
     /// For crash tests: abort the process after this many parts (of a backfill or of a
     /// large transaction) are committed to the lake.
@@ -80,6 +80,8 @@ pub struct RunStats {
     pub changes: u64,
     /// Batches written (each one Delta commit per table it touched).
     pub batches: u64,
+    /// Idle positions recorded (one commit each, with no changes).
+    pub idle_records: u64,
     /// Parts written with no position (of the backfill or of large transactions).
     pub parts: u64,
     /// The last position acknowledged.
@@ -213,6 +215,8 @@ enum Job {
 /// A write the sink made durable.
 struct Done {
     position: Option<Lsn>,
+    /// An idle position recorded (no changes): not a batch.
+    idle: bool,
     changes: usize,
     /// Commit time of the newest change written (Unix ms).
     newest_ts_ms: Option<i64>,
@@ -252,6 +256,7 @@ fn spawn_sink(
                             rows: Vec::new(),
                             took: started.elapsed(),
                             position: Some(position),
+                            idle: true,
                             changes: 0,
                             newest_ts_ms: None,
                             latencies_ms: Vec::new(),
@@ -293,6 +298,7 @@ fn spawn_sink(
                             rows,
                             took: started.elapsed(),
                             position,
+                            idle: false,
                             changes: docs.len(),
                             newest_ts_ms: docs.iter().map(|d| d.source.ts_ms).max(),
                             latencies_ms: if record_latency && !complete {
@@ -372,7 +378,11 @@ impl SinkLink<'_> {
             t.committed(&done.rows, done.took, done.position, done.newest_ts_ms);
         }
         stats.changes += done.changes as u64;
-        if let Some(position) = done.position {
+        if let (Some(position), true) = (done.position, done.idle) {
+            stats.idle_records += 1;
+            capture.acknowledge(position);
+            stats.position = Some(position);
+        } else if let Some(position) = done.position {
             stats.batches += 1;
             stats.latencies_ms.extend(done.latencies_ms);
             crash_point(self.opts, stats);

@@ -31,6 +31,7 @@ pub async fn run_with_retries(
             Ok(stats) => {
                 total.changes += stats.changes;
                 total.batches += stats.batches;
+                total.idle_records += stats.idle_records;
                 total.position = stats.position.or(total.position);
                 return Ok(total);
             }
