@@ -232,13 +232,9 @@ impl Capture {
         repl_cfg.idle_wakeup_interval = Duration::from_millis(cfg.status_interval_ms);
 
         let (tx, rx) = mpsc::channel(opts.buffer.div_ceil(BATCH).max(2));
-        // Resuming, what the consumer holds is durable already: the slot is told so at
-        // once (it may stand lower, after a crash between a commit and its
-        // acknowledgment).
-        let (ack_tx, ack_rx) = watch::channel(match opts.resume {
-            Resume::After(position) => position,
-            Resume::Fresh => Lsn::ZERO,
-        });
+        // Resuming, the transport reports the start position (what the consumer holds)
+        // as applied at once: nothing to acknowledge before the consumer does.
+        let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (reported_tx, reported_rx) = watch::channel(Lsn::ZERO);
         let slot_name = cfg.slot.clone();
@@ -587,7 +583,6 @@ impl Worker {
         repl.wait_started()
             .await
             .map_err(|source| self.repl_error(source))?;
-        self.forward_ack(repl);
         let low_water = socket::local_end(&client, &self.slot)
             .await
             .and_then(|(local, server_port)| socket::LowWater::find(local, server_port));
