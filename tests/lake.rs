@@ -981,7 +981,13 @@ async fn sigterm_and_sigint_commit_what_is_in_flight_and_exit_0() {
         let client = db.client().await;
         let mut ready = false;
         for _ in 0..200 {
-            if lake.join("transactions").join("_delta_log").is_dir() {
+            // The tables exist from round 0 on: wait for the run itself (its slot in
+            // use), or the signal may come before weir handles signals.
+            if lake.join("transactions").join("_delta_log").is_dir()
+                && db.sql(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'weir' AND active",
+                ) == "1"
+            {
                 ready = true;
                 break;
             }
