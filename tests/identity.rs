@@ -446,6 +446,18 @@ async fn replica_identity_using_index_and_full_with_a_key_keep_replicas_equal() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_without_a_key_under_replica_identity_full_is_kept_as_a_multiset() {
+    multiset(weir::config::DeleteMode::Hard).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiset_replica_with_soft_deletes_keeps_every_deleted_row_marked() {
+    multiset(weir::config::DeleteMode::Soft).await;
+}
+
+/// A table without a key, NULLs and twins: the replica's rows (not deleted) are the
+/// table's multiset, with hard or soft deletes.
+async fn multiset(delete: weir::config::DeleteMode) {
+    let soft = delete == weir::config::DeleteMode::Soft;
     let db = TestDb::new("multiset");
     db.sql(
         "CREATE TABLE log (a int, b text, c numeric(6,2)); \
@@ -455,12 +467,17 @@ async fn a_table_without_a_key_under_replica_identity_full_is_kept_as_a_multiset
     );
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    let cfg = config(&db, &["log"], &lake);
+    let mut cfg = config(&db, &["log"], &lake);
+    cfg.lake.delete = delete;
     run_until_now(&db, &cfg).await;
     let pg =
         "SELECT a::text, b, c::text FROM log ORDER BY a NULLS FIRST, b NULLS FIRST, c NULLS FIRST";
-    let delta = "SELECT a, b, CAST(c AS VARCHAR) AS c_text FROM log \
-                 ORDER BY a NULLS FIRST, b NULLS FIRST, c NULLS FIRST";
+    let delta = format!(
+        "SELECT a, b, CAST(c AS VARCHAR) AS c_text FROM log {} \
+         ORDER BY a NULLS FIRST, b NULLS FIRST, c NULLS FIRST",
+        if soft { "WHERE NOT _deleted" } else { "" }
+    );
+    let delta = delta.as_str();
     assert_query_equal(&db, &lake, pg, delta, "log after the backfill").await;
     // One twin deleted, one NULL-holding twin updated, a twin added, a row added and
     // removed in the same batch, a row with a NULL deleted.
@@ -490,4 +507,15 @@ async fn a_table_without_a_key_under_replica_identity_full_is_kept_as_a_multiset
     // A restart with nothing new keeps it so.
     run_until_now(&db, &cfg).await;
     assert_query_equal(&db, &lake, pg, delta, "log after a restart").await;
+    // Soft: each of the four rows deleted stays, marked, with its delete's position (two
+    // transactions deleted them).
+    if soft {
+        let deleted = lake_rows(
+            &lake,
+            "SELECT CAST(count(*) AS VARCHAR), CAST(count(DISTINCT _lsn) AS VARCHAR) \
+             FROM log WHERE _deleted",
+        )
+        .await;
+        assert_eq!(deleted, vec![vec!["4".to_string(), "2".to_string()]]);
+    }
 }

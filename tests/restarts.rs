@@ -21,7 +21,7 @@ async fn streamed(lake: &std::path::Path, table: &str) -> Vec<Vec<String>> {
 }
 
 /// Replicas `a` and `b` equal their sources, row by row.
-async fn assert_replicas_equal(db: &TestDb, lake: &std::path::Path) {
+async fn assert_replicas_equal(db: &TestDb, lake: &(impl AsLake + ?Sized)) {
     let client = db.client().await;
     for t in ["a", "b"] {
         assert_same_rows(
@@ -195,6 +195,33 @@ async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_sta
     );
 }
 
+/// Writes `transactions` transactions, `pause_ms` apart, each updating the 100 rows of `b`,
+/// inserting `rows` rows into `a` and deleting an eighth as many of the previous ones.
+fn two_table_writer(
+    client: tokio_postgres::Client,
+    transactions: u64,
+    rows: u64,
+    pause_ms: u64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for i in 0..transactions {
+            let first = 1000 + i * rows;
+            client
+                .batch_execute(&format!(
+                    "BEGIN; UPDATE b SET v = 'u{i}' WHERE id <= 100; \
+                     INSERT INTO a SELECT g, 'n{i}' FROM generate_series({first}, {}) g; \
+                     DELETE FROM a WHERE id BETWEEN {} AND {}; COMMIT;",
+                    first + rows - 1,
+                    first - rows,
+                    first - rows + rows / 8
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        }
+    })
+}
+
 /// Records every row change of `tables` (op, key) in `audit`, a table no publication
 /// holds: the oracle a change log is compared with.
 fn audit(db: &TestDb, tables: &[&str]) {
@@ -253,53 +280,163 @@ async fn kill_9_during_transactions_in_parts_across_tables_loses_and_repeats_no_
     weir_until_now();
     // From here on every change is streamed; the audit sees each one.
     audit(&db, &["a", "b"]);
-    let client = db.client().await;
-    let writer = tokio::spawn(async move {
-        for i in 0..40 {
-            // 500 to 551 changes over both tables, written in parts of 300: `b` only in
-            // the first part.
-            let first = 1000 + i * 400;
-            client
-                .batch_execute(&format!(
-                    "BEGIN; UPDATE b SET v = 'u{i}' WHERE id <= 100; \
-                     INSERT INTO a SELECT g, 'n{i}' FROM generate_series({first}, {}) g; \
-                     DELETE FROM a WHERE id BETWEEN {} AND {}; COMMIT;",
-                    first + 399,
-                    first - 400,
-                    first - 350
-                ))
-                .await
-                .unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
-        }
-    });
+    // 500 to 551 changes over both tables, written in parts of 300: `b` only in the first
+    // part.
+    let writer = two_table_writer(db.client().await, 40, 400, 120);
     kill_9_runs(&config, 5, 0x2545f4914f6cdd1d, 600, 1500).await;
     writer.await.unwrap();
     weir_until_now();
 
+    assert_change_logs_match_audit(&db, &lake, &["a", "b"], 3000).await;
+    assert_replicas_equal(&db, &lake).await;
+}
+
+/// The change logs of `tables` hold every change the audit saw, each once and in commit
+/// order; each holds more than `at_least`.
+async fn assert_change_logs_match_audit(
+    db: &TestDb,
+    lake: &(impl AsLake + ?Sized),
+    tables: &[&str],
+    at_least: usize,
+) {
     let client = db.client().await;
-    for t in ["a", "b"] {
+    for t in tables {
         let want = pg_rows(
             &client,
-            &format!("SELECT op, id::text FROM audit WHERE tbl = '{t}' ORDER BY audit.id, op, n"),
+            &format!(
+                "SELECT op, coalesce(id::text, 'NULL') FROM audit WHERE tbl = '{t}' ORDER BY n"
+            ),
         )
         .await;
         let got = lake_rows(
-            &lake,
+            lake,
             &format!(
-                "SELECT _op, CAST(id AS VARCHAR) AS k FROM {t}_changes WHERE NOT _snapshot \
-                 ORDER BY id, _op"
+                "SELECT _op, CAST(id AS VARCHAR) FROM {t}_changes WHERE NOT _snapshot \
+                 ORDER BY _lsn, _seq"
             ),
         )
         .await;
         assert!(
-            want.len() > 3000,
+            want.len() > at_least,
             "{t}: the workload ran ({} changes)",
             want.len()
         );
-        assert_same_rows(&want, &got, &format!("{t}_changes against the audit"));
+        assert_same_rows(
+            &want,
+            &got,
+            &format!("{t}_changes against the audit, in order"),
+        );
     }
-    assert_replicas_equal(&db, &lake).await;
+}
+
+/// Waits until the change logs of `a` and `b` hold as many streamed changes as the audit,
+/// failing when the pipeline ends or `secs` pass.
+async fn wait_for_audit<T: std::fmt::Debug>(
+    db: &TestDb,
+    lake: &(impl AsLake + ?Sized),
+    task: &mut tokio::task::JoinHandle<T>,
+    secs: u64,
+) {
+    let client = db.client().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let mut behind = Vec::new();
+        for t in ["a", "b"] {
+            let want = pg_rows(
+                &client,
+                &format!("SELECT count(*)::text FROM audit WHERE tbl = '{t}'"),
+            )
+            .await;
+            let got = lake_rows(
+                lake,
+                &format!("SELECT count(*) FROM {t}_changes WHERE NOT _snapshot"),
+            )
+            .await;
+            if want != got {
+                behind.push((t, want[0][0].clone(), got[0][0].clone()));
+            }
+        }
+        if behind.is_empty() {
+            return;
+        }
+        if task.is_finished() {
+            panic!("the pipeline ended: {:?}", task.await);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pipeline did not catch up (table, audit, change log): {behind:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// With the pipeline already run once over `a` and `b`: runs it (with retries) while
+/// multi-table transactions in parts land and `proxy` cuts its connections three times and
+/// delivers nothing for 6 s (the connections open then stay silent for good); then every
+/// change log equals the audit and every replica its source.
+async fn faults_through(
+    proxy: &support::proxy::Proxy,
+    db: &TestDb,
+    cfg: &weir::config::Config,
+    lake: &(impl AsLake + ?Sized),
+) {
+    audit(db, &["a", "b"]);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let mut task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            weir::pipeline::run_with_retries(&cfg, weir::pipeline::RunOptions::default(), rx).await
+        })
+    };
+    // Written directly, not through the proxy: transactions of about 440 changes over
+    // both tables, in parts.
+    let writer = two_table_writer(db.client().await, 60, 300, 150);
+    let pause = |ms| tokio::time::sleep(std::time::Duration::from_millis(ms));
+    for wait in [800, 1300, 600] {
+        pause(wait).await;
+        proxy.cut();
+    }
+    // Streaming again, nothing gets through for 6 s, and no end hears of it: weir finds
+    // out on its own (the connections open then never deliver again).
+    support::wait_for("the pipeline to stream again", 60, || {
+        task.is_finished()
+            || db.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'weir'") == "t"
+    })
+    .await;
+    pause(500).await;
+    proxy.freeze();
+    pause(6000).await;
+    proxy.thaw();
+    writer.await.unwrap();
+    wait_for_audit(db, lake, &mut task, 180).await;
+    stop.send(true).unwrap();
+    task.await
+        .unwrap()
+        .expect("the pipeline ended without an error");
+    run_until_now(db, cfg).await;
+    assert_change_logs_match_audit(db, lake, &["a", "b"], 2000).await;
+    assert_replicas_equal(db, lake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cuts_and_a_frozen_network_are_retried_and_every_change_lands_once() {
+    // The server gives up on a walsender that hears nothing for 3 s (a frozen network).
+    let db = TestDb::with_conf("netcut", "wal_sender_timeout = '3s'\n");
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text); \
+         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
+    );
+    let proxy = support::proxy::Proxy::start(db.cluster.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["a", "b"], &lake);
+    cfg.source.url = proxy.url(&db);
+    cfg.source.receive_timeout_s = 1;
+    cfg.source.connect_timeout_s = 1;
+    cfg.lake.part_rows = 200;
+    run_until_now(&db, &cfg).await;
+    faults_through(&proxy, &db, &cfg, &lake).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,4 +594,284 @@ async fn server_crashes_under_load_are_retried_and_every_change_lands_once() {
     assert_eq!(streamed(&lake, "a").await, rows(&[("c", 1800, 1800)]));
     assert_eq!(streamed(&lake, "b").await, rows(&[("u", 300, 100)]));
     assert_replicas_equal(&db, &lake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_out_of_reach_is_retried_and_every_change_lands_once() {
+    let s3 = support::S3Server::start();
+    s3.create_bucket("weir-faults");
+    let proxy = support::proxy::Proxy::start(s3.port()).await;
+    let db = TestDb::new("s3faults");
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text); \
+         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &["a", "b"], &dir.path().join("unused"));
+    // Through the proxy, with the store client's own retries cut short, so that its
+    // failures reach weir.
+    let mut storage = s3.options_with_credentials();
+    storage.insert(
+        "aws_endpoint".into(),
+        format!("http://127.0.0.1:{}", proxy.port),
+    );
+    for (k, v) in [
+        ("max_retries", "1"),
+        ("retry_timeout", "1s"),
+        ("timeout", "2s"),
+        ("connect_timeout", "1s"),
+    ] {
+        storage.insert(k.into(), v.into());
+    }
+    cfg.lake.url = "s3://weir-faults/lake".into();
+    cfg.lake.storage = weir::config::StorageOptions(storage);
+    cfg.lake.part_rows = 200;
+    // Read back directly.
+    let mut direct = cfg.lake.clone();
+    direct.storage = weir::config::StorageOptions(s3.options_with_credentials());
+    let lake = weir::sink::delta::Lake::from_config(&direct, false).unwrap();
+    run_until_now(&db, &cfg).await;
+    faults_through(&proxy, &db, &cfg, &lake).await;
+}
+
+/// A xorshift step: the fault test's pseudo-random numbers, repeatable from the seed.
+fn next_random(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// One transaction of the fault test's workload, chosen by `r`: inserts, updates, key
+/// changes, deletes (of one twin of a duplicated row too), truncates, DDL, and
+/// transactions larger than a part, over a keyed table `a`, a keyed table `b` and a table
+/// `c` without a key (replica identity full, with NULLs and twin rows).
+fn fault_workload(i: u64, r: u64, has_w: bool) -> String {
+    let first = 1 + i * 1000;
+    let w = if has_w { ", w" } else { "" };
+    let wv = if has_w { ", g % 7" } else { "" };
+    match r % 20 {
+        // Larger than a part (300 changes), over every table.
+        0 | 1 => format!(
+            "BEGIN; INSERT INTO a (id, v{w}) SELECT g, 'big{i}'{wv} FROM generate_series({first}, {}) g; \
+             UPDATE b SET v = 'big{i}' WHERE id % 3 = {}; \
+             INSERT INTO c SELECT g % 50, CASE WHEN g % 5 = 0 THEN NULL ELSE 'c{i}' END \
+               FROM generate_series(1, 150) g; COMMIT;",
+            first + 599,
+            i % 3
+        ),
+        // A key changes.
+        2 | 3 => "UPDATE a SET id = id + 10000000 WHERE id IN \
+                  (SELECT id FROM a WHERE id < 10000000 ORDER BY id LIMIT 3);"
+            .to_string(),
+        // One of two twins goes, another row of c changes.
+        4 | 5 => "BEGIN; DELETE FROM c WHERE ctid = (SELECT ctid FROM c WHERE v IS NOT NULL \
+                  ORDER BY id, v LIMIT 1); UPDATE c SET v = 'changed' WHERE ctid = \
+                  (SELECT ctid FROM c ORDER BY id DESC LIMIT 1); COMMIT;"
+            .to_string(),
+        // b starts over.
+        6 => "BEGIN; TRUNCATE b; INSERT INTO b SELECT g, 'again' FROM generate_series(1, 100) g; \
+              COMMIT;"
+            .to_string(),
+        // c is emptied now and then.
+        7 if i.is_multiple_of(4) => "TRUNCATE c;".to_string(),
+        // Columns come and go between row changes of one transaction.
+        8 => format!(
+            "BEGIN; UPDATE b SET v = 'before{i}' WHERE id = 1; ALTER TABLE b ADD COLUMN z{i} text; \
+             UPDATE b SET v = 'during{i}' WHERE id = 2; ALTER TABLE b DROP COLUMN z{i}; \
+             UPDATE b SET v = 'after{i}' WHERE id = 3; COMMIT;"
+        ),
+        // Small mixed transactions.
+        _ => format!(
+            "BEGIN; INSERT INTO a (id, v{w}) SELECT g, 'n{i}'{wv} FROM generate_series({first}, {}) g; \
+             UPDATE b SET v = 'u{i}' WHERE id = {}; DELETE FROM a WHERE id = {}; \
+             INSERT INTO c VALUES ({}, 'twin'), ({}, 'twin'), (NULL, NULL); COMMIT;",
+            first + 4,
+            1 + r % 100,
+            first.saturating_sub(1000) + r % 5,
+            r % 10,
+            r % 10
+        ),
+    }
+}
+
+/// Random `kill -9`s of `weir run` and crashes of PostgreSQL under a mixed workload: at the
+/// end every change log equals the audit, change for change and in order, and every
+/// replica equals its source. `WEIR_SOAK_SECS` makes it longer, `WEIR_SOAK_SEED` repeats
+/// a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_and_server_crashes_under_a_mixed_workload_lose_and_repeat_nothing() {
+    use std::process::{Command, Stdio};
+    let secs: u64 = std::env::var("WEIR_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let mut seed: u64 = std::env::var("WEIR_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("fault test: WEIR_SOAK_SEED={seed} WEIR_SOAK_SECS={secs}");
+    let db = TestDb::with_conf("faults", weir::local_postgres::SYNCHRONOUS_COMMIT);
+    db.sql(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); \
+         CREATE TABLE b (id int PRIMARY KEY, v text); \
+         CREATE TABLE c (id int, v text); ALTER TABLE c REPLICA IDENTITY FULL; \
+         INSERT INTO a SELECT g, 'start' FROM generate_series(1, 100) g; \
+         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g; \
+         INSERT INTO c SELECT g % 10, 'start' FROM generate_series(1, 30) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\npassword_file = \"{}\"\ntables = [\"a\", \"b\", \"c\"]\n\
+             tls = \"disable\"\nstatus_interval_ms = 100\nconnect_timeout_s = 2\n\n\
+             [lake]\nurl = \"{}\"\nchange_log = true\npart_rows = 300\n",
+            db.cluster.url(&db.db),
+            db.cluster.password_file().display(),
+            lake.display()
+        ),
+    )
+    .unwrap();
+    let weir = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
+        command
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null());
+        command
+    };
+    let weir_until_now = || {
+        let until = db.sql("SELECT pg_current_wal_insert_lsn()");
+        let status = weir().args(["--until", &until]).status().unwrap();
+        assert!(status.success(), "weir run --until");
+    };
+    weir_until_now();
+    audit(&db, &["a", "b", "c"]);
+    db.sql(
+        "CREATE FUNCTION audit_truncate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO audit (tbl, op) VALUES (TG_TABLE_NAME, 't'); RETURN NULL; END $$; \
+         CREATE TRIGGER audit_t AFTER TRUNCATE ON b FOR EACH STATEMENT \
+           EXECUTE FUNCTION audit_truncate(); \
+         CREATE TRIGGER audit_t AFTER TRUNCATE ON c FOR EACH STATEMENT \
+           EXECUTE FUNCTION audit_truncate();",
+    );
+
+    // The writer goes on through the crashes: a failed transaction may or may not have
+    // committed, and the audit knows which.
+    let url = db.cluster.url_with_password(&db.db);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut writer_seed = next_random(&mut seed);
+    let writer = tokio::spawn(async move {
+        let connect = || async {
+            loop {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    return client;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        let mut client = connect().await;
+        let (mut committed, mut failed, mut has_w) = (0u64, 0u64, false);
+        let mut i = 1;
+        while tokio::time::Instant::now() < deadline {
+            let sql = if i == 30 && !has_w {
+                // A column with a default: older rows show it in the replica too.
+                "ALTER TABLE a ADD COLUMN IF NOT EXISTS w int DEFAULT 5".to_string()
+            } else {
+                fault_workload(i, next_random(&mut writer_seed), has_w)
+            };
+            match client.batch_execute(&sql).await {
+                Ok(()) => {
+                    committed += 1;
+                    has_w |= sql.contains("ADD COLUMN IF NOT EXISTS w");
+                    i += 1;
+                }
+                Err(_) => {
+                    failed += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if client.is_closed() {
+                        client = connect().await;
+                    }
+                    if !sql.contains("ADD COLUMN IF NOT EXISTS w") {
+                        i += 1;
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        (committed, failed)
+    });
+
+    let mut child = weir().spawn().unwrap();
+    let (mut kills, mut crashes) = (0, 0);
+    while tokio::time::Instant::now() < deadline {
+        let wait = 500 + next_random(&mut seed) % 2500;
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        if next_random(&mut seed) % 5 < 3 {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+            assert!(!child.wait().unwrap().success(), "weir was killed");
+            child = weir().spawn().unwrap();
+            kills += 1;
+        } else {
+            // An immediate shutdown is a crash: the server recovers from its WAL at start.
+            db.cluster.stop().unwrap();
+            let down = 200 + next_random(&mut seed) % 1500;
+            tokio::time::sleep(std::time::Duration::from_millis(down)).await;
+            db.cluster.start_again().unwrap();
+            crashes += 1;
+        }
+    }
+    let (committed, failed) = writer.await.unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+    let _ = child.wait();
+    eprintln!(
+        "fault test: {kills} kills, {crashes} server crashes, {committed} transactions \
+         committed, {failed} failed"
+    );
+    assert!(
+        committed > 100,
+        "the workload ran: {committed} transactions"
+    );
+    weir_until_now();
+
+    assert_change_logs_match_audit(&db, &lake, &["a", "b", "c"], 0).await;
+    let client = db.client().await;
+    for (t, pg, delta) in [
+        (
+            "a",
+            "SELECT id::text, v, w::text FROM a ORDER BY a.id",
+            "SELECT CAST(id AS VARCHAR) AS k, v, CAST(w AS VARCHAR) AS wv FROM a ORDER BY id",
+        ),
+        (
+            "b",
+            "SELECT id::text, v FROM b ORDER BY b.id",
+            "SELECT CAST(id AS VARCHAR) AS k, v FROM b ORDER BY id",
+        ),
+        (
+            "c",
+            "SELECT id::text, v FROM c ORDER BY c.id NULLS LAST, v NULLS LAST",
+            "SELECT CAST(id AS VARCHAR) AS k, v FROM c ORDER BY id NULLS LAST, v NULLS LAST",
+        ),
+    ] {
+        assert_same_rows(
+            &pg_rows(&client, pg).await,
+            &lake_rows(&lake, delta).await,
+            &format!("replica {t}"),
+        );
+    }
 }

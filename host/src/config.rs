@@ -15,6 +15,8 @@ pub const DEFAULT_SLOT: &str = "weir";
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 200;
 /// Default connect timeout, in seconds.
 pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 10;
+/// Default `source.receive_timeout_s`.
+pub const DEFAULT_RECEIVE_TIMEOUT_S: u64 = 30;
 
 /// Default lake location: a folder next to where weir runs.
 pub const DEFAULT_LAKE_URL: &str = "./lake";
@@ -384,6 +386,11 @@ pub struct SourceConfig {
     /// Seconds to wait for a connection before giving up.
     #[serde(default = "default_connect_timeout_s")]
     pub connect_timeout_s: u64,
+    /// Seconds the replication connection may stay silent before weir checks, over
+    /// another connection, that the server still hears it; a connection the server no
+    /// longer hears (a network cut) is re-established. 0 turns the check off.
+    #[serde(default = "default_receive_timeout_s")]
+    pub receive_timeout_s: u64,
 }
 
 fn default_publication() -> String {
@@ -397,6 +404,9 @@ fn default_status_interval_ms() -> u64 {
 }
 fn default_connect_timeout_s() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_S
+}
+fn default_receive_timeout_s() -> u64 {
+    DEFAULT_RECEIVE_TIMEOUT_S
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -430,6 +440,7 @@ impl SourceConfig {
             ca_file: None,
             status_interval_ms: DEFAULT_STATUS_INTERVAL_MS,
             connect_timeout_s: DEFAULT_CONNECT_TIMEOUT_S,
+            receive_timeout_s: DEFAULT_RECEIVE_TIMEOUT_S,
         }
     }
 }

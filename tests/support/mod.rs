@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 pub mod lake;
+pub mod proxy;
 
 use serde_json::Value;
 use weir::config::SourceConfig;
@@ -184,6 +185,11 @@ impl S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
         }
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Creates a bucket (moto takes unsigned requests).

@@ -35,11 +35,12 @@ pub async fn run_with_retries(
                 total.position = stats.position.or(total.position);
                 return Ok(total);
             }
-            Err(PipelineError::Source(e)) if e.is_retryable() && !*stop.borrow() => {
+            Err(e) if is_transient(&e) && !*stop.borrow() => {
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = FIRST_BACKOFF;
                 }
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed; reconnecting");
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{} failed; starting again from what the lake holds",
+                    if matches!(e, PipelineError::Source(_)) { "the source" } else { "the lake" });
                 let mut stop = stop.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -49,5 +50,16 @@ pub async fn run_with_retries(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Failures that a later attempt may get past: the source's connection faults, and the
+/// lake's (its object store out of reach for a while). A new attempt starts from what the
+/// lake holds, as after a crash: nothing is lost or written twice.
+fn is_transient(e: &PipelineError) -> bool {
+    match e {
+        PipelineError::Source(e) => e.is_retryable(),
+        PipelineError::Sink(e) => e.is_transient(),
+        _ => false,
     }
 }

@@ -121,6 +121,13 @@ impl ConnectionSettings {
             .options(SESSION_OPTIONS)
             .application_name("weir")
             .connect_timeout(self.connect_timeout)
+            // A peer gone without a word (a network cut) is noticed within about a
+            // minute, not after the kernel's two hours of silence or fifteen of resends.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(60))
             .ssl_mode(match self.tls {
                 TlsMode::Disable => tokio_postgres::config::SslMode::Disable,
                 TlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,

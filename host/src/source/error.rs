@@ -159,6 +159,21 @@ pub enum SourceError {
         /// The transport's error.
         source: pgwire_replication::PgWireError,
     },
+    /// The replication connection went silent, and the server no longer hears it either
+    /// (a network cut, a proxy or firewall that dropped the connection without a word).
+    #[error(
+        "the replication connection of slot `{slot}` was silent for {silent_s} s and {why}: \
+         treating it as lost (source.receive_timeout_s sets how long a silence is allowed \
+         before this check)"
+    )]
+    ConnectionLost {
+        /// The slot.
+        slot: String,
+        /// How long nothing came.
+        silent_s: u64,
+        /// What the check found.
+        why: String,
+    },
     /// A message could not be decoded.
     #[error("at WAL position {lsn}: {source}")]
     Decode {
@@ -184,7 +199,9 @@ impl SourceError {
     /// Whether trying again later may succeed (network trouble, a restarting server).
     pub fn is_retryable(&self) -> bool {
         match self {
-            SourceError::Unreachable { .. } | SourceError::SlotInUse { .. } => true,
+            SourceError::Unreachable { .. }
+            | SourceError::SlotInUse { .. }
+            | SourceError::ConnectionLost { .. } => true,
             SourceError::Replication { source, .. } => {
                 source.is_transient()
                     || source.is_io()

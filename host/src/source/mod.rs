@@ -260,8 +260,8 @@ impl Capture {
                     });
                 }
                 repl_cfg.start_lsn = position.into();
-                let repl = ReplicationClient::connect(repl_cfg)
-                    .await
+                let repl = connect_within(&settings, ReplicationClient::connect(repl_cfg))
+                    .await?
                     .map_err(repl_err(&slot_name))?;
                 (repl, position, None)
             }
@@ -281,9 +281,10 @@ impl Capture {
                     );
                     setup::drop_slot(&client, &cfg.slot).await?;
                 }
-                let mut repl = ReplicationClient::connect_gated(repl_cfg)
-                    .await
-                    .map_err(repl_err(&slot_name))?;
+                let mut repl =
+                    connect_within(&settings, ReplicationClient::connect_gated(repl_cfg))
+                        .await?
+                        .map_err(repl_err(&slot_name))?;
                 let (consistent_point, snapshot) =
                     backfill::create_slot(&mut repl, &cfg.slot, opts.temporary_slot)
                         .await
@@ -338,6 +339,11 @@ impl Capture {
                     .unwrap_or_else(tokio::time::Instant::now),
             ),
             txn_changes: 0,
+            // At least two status updates apart: the server's last word from us is that old.
+            receive_timeout: (cfg.receive_timeout_s > 0).then(|| {
+                Duration::from_secs(cfg.receive_timeout_s)
+                    .max(2 * Duration::from_millis(cfg.status_interval_ms))
+            }),
         };
         let backfill = backfill.map(|(snapshot, point)| Backfill {
             snapshot,
@@ -509,6 +515,26 @@ struct Worker {
     idle_offered: (Lsn, tokio::time::Instant),
     /// Changes delivered of the open transaction.
     txn_changes: usize,
+    /// How long the replication connection may stay silent before the server is asked
+    /// whether it still hears us.
+    receive_timeout: Option<Duration>,
+}
+
+/// A replication connection attempt, given up after the connect timeout (the transport
+/// has none of its own: through a network cut it would wait for ever).
+async fn connect_within<T>(
+    settings: &ConnectionSettings,
+    connect: impl std::future::Future<Output = T>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(settings.connect_timeout, connect)
+        .await
+        .map_err(|_| SourceError::Unreachable {
+            target: settings.target(),
+            reason: format!(
+                "the replication connection got no answer within {:?}",
+                settings.connect_timeout
+            ),
+        })
 }
 
 impl Worker {
@@ -661,6 +687,11 @@ impl Worker {
         let mut txn: Option<(Transaction, bool)> = None;
         let idle = tokio::time::sleep(socket::IDLE_TICK);
         tokio::pin!(idle);
+        // Events received, and their count at the last silence check.
+        let (mut heard, mut checked) = (0u64, 0u64);
+        let check_every = self.receive_timeout.unwrap_or(Duration::from_secs(3600));
+        let silence = tokio::time::sleep(check_every);
+        tokio::pin!(silence);
         loop {
             let raised = low_water.as_ref().is_some_and(|m| m.raised());
             let ev = tokio::select! {
@@ -686,7 +717,16 @@ impl Worker {
                     idle.as_mut().reset(tokio::time::Instant::now() + socket::IDLE_TICK);
                     continue;
                 }
+                _ = silence.as_mut(), if self.receive_timeout.is_some() => {
+                    if heard == checked {
+                        self.check_heard(check_every).await?;
+                    }
+                    checked = heard;
+                    silence.as_mut().reset(tokio::time::Instant::now() + check_every);
+                    continue;
+                }
             };
+            heard += 1;
             if let Some(mark) = low_water.as_mut() {
                 mark.on_event();
                 if !raised && mark.raised() {
@@ -823,6 +863,66 @@ impl Worker {
                 }
                 ReplicationEvent::Message { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => return Ok(()),
+            }
+        }
+    }
+
+    /// After a silence of the replication connection: asks the server, over the catalog
+    /// session, whether it still hears the connection. A silence alone proves nothing
+    /// (an idle server sends nothing; a server decoding a large transaction sends nothing
+    /// until its commit, while the transport keeps sending status updates); a walsender
+    /// that is gone, or has not heard from us for as long, or a server that does not
+    /// answer at all, means the connection is lost.
+    async fn check_heard(&self, silent: Duration) -> Result<(), SourceError> {
+        let Some(client) = &self.catalog else {
+            return Ok(());
+        };
+        let lost = |why: String| SourceError::ConnectionLost {
+            slot: self.slot.clone(),
+            silent_s: silent.as_secs(),
+            why,
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.slot];
+        let query = client.query_opt(
+            "SELECT s.active_pid IS NOT NULL, \
+                    extract(epoch FROM now() - r.reply_time)::float8 \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &params,
+        );
+        let row = match tokio::time::timeout(silent, query).await {
+            Err(_) => {
+                return Err(lost(format!(
+                    "the server did not answer a query on another connection within {} s either",
+                    silent.as_secs()
+                )));
+            }
+            Ok(Err(e)) if e.as_db_error().is_none() => {
+                return Err(lost(format!("the catalog connection failed too: {e}")));
+            }
+            Ok(Err(e)) => {
+                // The server answers but refuses the question: it is there; trust the
+                // transport and the server's own wal_sender_timeout.
+                tracing::debug!(error = %e, "cannot check the replication connection");
+                return Ok(());
+            }
+            Ok(Ok(row)) => row,
+        };
+        let Some(row) = row else {
+            return Err(lost("the slot is gone".into()));
+        };
+        let active: bool = row.get(0);
+        let heard_ago: Option<f64> = row.get(1);
+        if !active {
+            return Err(lost("the server has no connection on the slot".into()));
+        }
+        match heard_ago {
+            Some(ago) if ago > silent.as_secs_f64() => Err(lost(format!(
+                "the server last heard from it {ago:.0} s ago"
+            ))),
+            _ => {
+                tracing::debug!(slot = %self.slot, "replication connection silent but alive");
+                Ok(())
             }
         }
     }

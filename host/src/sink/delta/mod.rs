@@ -173,6 +173,50 @@ pub enum DeltaError {
     },
 }
 
+impl DeltaError {
+    /// Whether trying again later may succeed: the object store, or the network to it,
+    /// failed for longer than the store client's own retries (a refused or reset
+    /// connection, a timeout). Not a missing table, refused credentials or a schema
+    /// clash: those stop the pipeline.
+    pub fn is_transient(&self) -> bool {
+        let DeltaError::Table { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(e) = cause {
+            if let Some(http) =
+                e.downcast_ref::<deltalake::logstore::object_store::client::HttpError>()
+            {
+                use deltalake::logstore::object_store::client::HttpErrorKind as Kind;
+                return matches!(
+                    http.kind(),
+                    Kind::Connect | Kind::Request | Kind::Timeout | Kind::Interrupted
+                );
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind as Kind;
+                return matches!(
+                    io.kind(),
+                    Kind::ConnectionRefused
+                        | Kind::ConnectionReset
+                        | Kind::ConnectionAborted
+                        | Kind::NotConnected
+                        | Kind::BrokenPipe
+                        | Kind::TimedOut
+                        | Kind::Interrupted
+                        | Kind::UnexpectedEof
+                );
+            }
+            cause = match e.downcast_ref::<delta_kernel::error::Error>() {
+                // The kernel holds the store's error without naming it as the source.
+                Some(delta_kernel::error::Error::ObjectStore(store)) => Some(store),
+                _ => e.source(),
+            };
+        }
+        false
+    }
+}
+
 /// Where the lake is.
 #[derive(Clone)]
 pub struct Lake {
@@ -994,7 +1038,7 @@ async fn write_replica(
         source,
     };
     if rel.multiset {
-        return multiset::write(lt, rel, &target, docs, position).await;
+        return multiset::write(lt, rel, &target, docs, position, delete).await;
     }
     if !has_key(rel) {
         // No key: inserts are appended (PostgreSQL sends no updates or deletes for such

@@ -8,7 +8,8 @@
 //! match are read, as many as were deleted taken out, and the others written back with
 //! the batch's new rows in one commit (a Delta "replace where") that also records the
 //! position. A removal the replica cannot match means it no longer equals the source: the
-//! write stops with an error rather than go on.
+//! write stops with an error rather than go on. With soft deletes a deleted row stays,
+//! marked `_deleted`, and is no longer matched.
 
 use deltalake::arrow::array::{Array, BooleanArray};
 use deltalake::arrow::compute::filter_record_batch;
@@ -20,26 +21,40 @@ use serde_json::{Map, Value};
 use super::replica::quote;
 use super::schema::record_batch;
 use super::table::LakeTable;
-use super::{COMMIT_TS, DeltaError, LSN, RAW, convert_columns};
+use super::{COMMIT_TS, DELETED, DeltaError, LSN, RAW, convert_columns};
+use crate::config::DeleteMode;
 use crate::document::{ChangeDocument, Op};
 use crate::lsn::Lsn;
 use crate::relation::Relation;
 
-/// A row to remove from the table, and how many of its twins.
+/// A row to remove from the table, and how many of its twins: `changed` by updates,
+/// `gone` by deletes (with each delete's `_lsn` and `_commit_ts`, for a soft delete's
+/// tombstone).
 struct Removal {
     row: Map<String, Value>,
-    count: usize,
+    changed: usize,
+    gone: Vec<(i64, i64)>,
+}
+
+impl Removal {
+    fn count(&self) -> usize {
+        self.changed + self.gone.len()
+    }
 }
 
 /// Applies `docs` (changes of `rel`, in source order) to its multiset replica `lt`, whose
-/// Arrow schema is `target`, recording `position`.
+/// Arrow schema is `target`, recording `position`. With soft deletes a deleted row stays,
+/// with `_deleted = true` and its delete's `_lsn` (a row updated is replaced); the rows
+/// with `_deleted = false` are the source's multiset.
 pub async fn write(
     lt: &mut LakeTable,
     rel: &Relation,
     target: &SchemaRef,
     docs: &[&ChangeDocument],
     position: Option<Lsn>,
+    delete: DeleteMode,
 ) -> Result<(), DeltaError> {
+    let soft = delete == DeleteMode::Soft;
     // A row's values, and the exact values its columns hold as NULL: twins only if both
     // are the same.
     let mut columns: Vec<&str> = rel.columns.iter().map(|c| &*c.name).collect();
@@ -51,14 +66,18 @@ pub async fn write(
             .iter()
             .all(|c| a.get(*c).unwrap_or(&Value::Null) == b.get(*c).unwrap_or(&Value::Null))
     };
-    let mut truncated = false;
+    let mut truncated: Option<Lsn> = None;
     let mut adds: Vec<Map<String, Value>> = Vec::new();
+    // Rows added and deleted within the batch, kept as deleted (soft deletes).
+    let mut tombstones: Vec<Map<String, Value>> = Vec::new();
     let mut removals: Vec<Removal> = Vec::new();
     for d in docs {
+        let stamp = (d.source.lsn.0 as i64, d.source.ts_ms * 1000);
         let old = match d.op {
             Op::Truncate => {
-                truncated = true;
+                truncated = Some(d.source.lsn);
                 adds.clear();
+                tombstones.clear();
                 removals.clear();
                 continue;
             }
@@ -77,15 +96,32 @@ pub async fn write(
             }
         };
         if let Some(old) = &old {
+            let gone = d.op == Op::Delete;
             if let Some(i) = adds.iter().rposition(|a| same(a, old)) {
-                adds.remove(i);
-            } else if let Some(r) = removals.iter_mut().find(|r| same(&r.row, old)) {
-                r.count += 1;
+                let mut row = adds.remove(i);
+                if gone && soft {
+                    row.insert(DELETED.into(), Value::Bool(true));
+                    row.insert(LSN.into(), Value::from(stamp.0));
+                    row.insert(COMMIT_TS.into(), Value::from(stamp.1));
+                    tombstones.push(row);
+                }
             } else {
-                removals.push(Removal {
-                    row: old.clone(),
-                    count: 1,
-                });
+                let r = match removals.iter().position(|r| same(&r.row, old)) {
+                    Some(i) => &mut removals[i],
+                    None => {
+                        removals.push(Removal {
+                            row: old.clone(),
+                            changed: 0,
+                            gone: Vec::new(),
+                        });
+                        removals.last_mut().expect("just pushed")
+                    }
+                };
+                if gone {
+                    r.gone.push(stamp);
+                } else {
+                    r.changed += 1;
+                }
             }
         }
         if d.op != Op::Delete {
@@ -98,8 +134,11 @@ pub async fn write(
                     }
                 }
             }
-            row.insert(LSN.into(), Value::from(d.source.lsn.0 as i64));
-            row.insert(COMMIT_TS.into(), Value::from(d.source.ts_ms * 1000));
+            row.insert(LSN.into(), Value::from(stamp.0));
+            row.insert(COMMIT_TS.into(), Value::from(stamp.1));
+            if soft {
+                row.insert(DELETED.into(), Value::Bool(false));
+            }
             adds.push(row);
         }
     }
@@ -108,20 +147,25 @@ pub async fn write(
         table: name.clone(),
         source,
     };
-    if truncated {
+    adds.append(&mut tombstones);
+    if let Some(lsn) = truncated {
         let pos = if adds.is_empty() { position } else { None };
-        lt.delete_all(pos).await?;
+        if soft {
+            lt.mark_all_deleted(pos, lsn).await?;
+        } else {
+            lt.delete_all(pos).await?;
+        }
     }
     let added = record_batch(target.clone(), &adds).map_err(arrow_err)?;
     if removals.is_empty() {
-        if !adds.is_empty() || !truncated {
+        if !adds.is_empty() || truncated.is_none() {
             lt.append(added, position).await?;
         }
         return Ok(());
     }
     let (predicate, removed) = removal_predicate(&removals, target, rel)?;
     let removed = record_batch(target.clone(), &removed).map_err(arrow_err)?;
-    let mut left: Vec<usize> = removals.iter().map(|r| r.count).collect();
+    let mut left: Vec<usize> = removals.iter().map(Removal::count).collect();
     // The new rows must match the predicate too: they are the only ones at or past their
     // first commit LSN (earlier parts of their transaction, read back, are kept).
     let predicate = match adds.iter().filter_map(|a| a.get(LSN)?.as_i64()).min() {
@@ -133,16 +177,35 @@ pub async fn write(
         // In the table's own types (a scan may hand strings over as views), to compare
         // with the removals and to write back.
         let batch = conform(batch, target).map_err(arrow_err)?;
+        let deleted = batch
+            .column_by_name(DELETED)
+            .and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
         let mut keep = Vec::with_capacity(batch.num_rows());
+        let mut buried = Vec::new();
         for r in 0..batch.num_rows() {
+            // A row deleted before is no longer the source's.
+            if deleted
+                .as_ref()
+                .is_some_and(|d| d.is_valid(r) && d.value(r))
+            {
+                keep.push(true);
+                continue;
+            }
             let hit = (0..removals.len())
                 .find(|&g| left[g] > 0 && row_equals(&batch, r, &removed, g, &columns));
             if let Some(g) = hit {
                 left[g] -= 1;
+                // Deletes first, then updates: which twin is which does not matter.
+                if soft && left[g] >= removals[g].changed {
+                    buried.push((r, removals[g].gone[left[g] - removals[g].changed]));
+                }
             }
             keep.push(hit.is_none());
         }
         kept.push(filter_record_batch(&batch, &BooleanArray::from(keep)).map_err(arrow_err)?);
+        if !buried.is_empty() {
+            kept.push(bury(&batch, &buried, target).map_err(arrow_err)?);
+        }
     }
     if let Some(g) = left.iter().position(|&n| n > 0) {
         return Err(DeltaError::Unplaceable {
@@ -157,6 +220,45 @@ pub async fn write(
     }
     kept.push(added);
     lt.replace_where(&predicate, kept, position).await
+}
+
+/// Rows `buried` of `batch` (row, its delete's `_lsn` and `_commit_ts`) marked deleted.
+fn bury(
+    batch: &RecordBatch,
+    buried: &[(usize, (i64, i64))],
+    target: &SchemaRef,
+) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+    use deltalake::arrow::array::{Int64Array, TimestampMicrosecondArray, UInt32Array};
+    let rows = UInt32Array::from_iter_values(buried.iter().map(|(r, _)| *r as u32));
+    let columns =
+        target
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(
+                |(f, c)| -> Result<
+                    deltalake::arrow::array::ArrayRef,
+                    deltalake::arrow::error::ArrowError,
+                > {
+                    Ok(match f.name().as_str() {
+                        DELETED => {
+                            std::sync::Arc::new(BooleanArray::from(vec![true; buried.len()]))
+                        }
+                        LSN => std::sync::Arc::new(Int64Array::from_iter_values(
+                            buried.iter().map(|(_, (lsn, _))| *lsn),
+                        )),
+                        COMMIT_TS => deltalake::arrow::compute::cast(
+                            &TimestampMicrosecondArray::from_iter_values(
+                                buried.iter().map(|(_, (_, ts))| *ts),
+                            ),
+                            f.data_type(),
+                        )?,
+                        _ => deltalake::arrow::compute::take(c, &rows, None)?,
+                    })
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(target.clone(), columns)
 }
 
 /// SQL matching (at least) every row equal to one of `removals`: per removal, its columns
