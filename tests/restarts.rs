@@ -392,17 +392,19 @@ async fn faults_through(
     // both tables, in parts.
     let writer = two_table_writer(db.client().await, 60, 300, 150);
     let pause = |ms| tokio::time::sleep(std::time::Duration::from_millis(ms));
+    let streaming = |task: &tokio::task::JoinHandle<_>| {
+        task.is_finished()
+            || db.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'weir'") == "t"
+    };
+    // Faults from the start, when the lake was never reached, are the configuration's.
+    support::wait_for("the pipeline to stream", 60, || streaming(&task)).await;
     for wait in [800, 1300, 600] {
         pause(wait).await;
         proxy.cut();
     }
     // Streaming again, nothing gets through for 6 s, and no end hears of it: weir finds
     // out on its own (the connections open then never deliver again).
-    support::wait_for("the pipeline to stream again", 60, || {
-        task.is_finished()
-            || db.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'weir'") == "t"
-    })
-    .await;
+    support::wait_for("the pipeline to stream again", 60, || streaming(&task)).await;
     pause(500).await;
     proxy.freeze();
     pause(6000).await;

@@ -84,7 +84,7 @@ pub async fn run_config(
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         telemetry: Some(telemetry),
         start_over,
-        idle_interval: None,
+        ..RunOptions::default()
     };
     let result = pipeline::run_with_retries(config, opts, stop_rx).await;
     signals.abort();

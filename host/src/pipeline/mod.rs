@@ -71,6 +71,9 @@ pub struct RunOptions {
     /// How often a pipeline with nothing to write records (and acknowledges) the server's
     /// position, so that PostgreSQL frees WAL it does not need (default 30 s).
     pub idle_interval: Option<Duration>,
+    /// Set once a run has opened the lake: from then on, a lake out of reach is waited
+    /// for ([`run_with_retries`]); before, it is a configuration to fix.
+    pub lake_opened: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a run did.
@@ -535,6 +538,8 @@ pub async fn run(
     // The tables' one identity, from the catalog: the lake's tables are opened for it.
     let tables = Capture::describe_tables(&config.source).await?;
     let mut sink = DeltaSink::open(config, &tables).await?;
+    opts.lake_opened
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let resume = if opts.start_over {
         tracing::warn!("starting over: the slot is dropped and every table backfilled again");
         Resume::Fresh

@@ -35,11 +35,11 @@ pub async fn run_with_retries(
                 total.position = stats.position.or(total.position);
                 return Ok(total);
             }
-            Err(e) if is_transient(&e) && !*stop.borrow() => {
+            Err(e) if is_transient(&e, &opts) && !*stop.borrow() => {
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = FIRST_BACKOFF;
                 }
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{} failed; starting again from what the lake holds",
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{} failed; reconnecting (the run starts again from what the lake holds)",
                     if matches!(e, PipelineError::Source(_)) { "the source" } else { "the lake" });
                 let mut stop = stop.clone();
                 tokio::select! {
@@ -54,12 +54,15 @@ pub async fn run_with_retries(
 }
 
 /// Failures that a later attempt may get past: the source's connection faults, and the
-/// lake's (its object store out of reach for a while). A new attempt starts from what the
-/// lake holds, as after a crash: nothing is lost or written twice.
-fn is_transient(e: &PipelineError) -> bool {
+/// lake's (its object store out of reach for a while) once a run has reached it (a lake
+/// never reached is more likely misconfigured: that stops at once). A new attempt starts
+/// from what the lake holds, as after a crash: nothing is lost or written twice.
+fn is_transient(e: &PipelineError, opts: &RunOptions) -> bool {
     match e {
         PipelineError::Source(e) => e.is_retryable(),
-        PipelineError::Sink(e) => e.is_transient(),
+        PipelineError::Sink(e) => {
+            e.is_transient() && opts.lake_opened.load(std::sync::atomic::Ordering::Relaxed)
+        }
         _ => false,
     }
 }
