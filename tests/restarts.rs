@@ -20,6 +20,11 @@ async fn streamed(lake: &std::path::Path, table: &str) -> Vec<Vec<String>> {
     .await
 }
 
+/// Two keyed tables, `b` with 100 rows.
+const TWO_TABLES: &str = "CREATE TABLE a (id int PRIMARY KEY, v text); \
+     CREATE TABLE b (id int PRIMARY KEY, v text); \
+     INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;";
+
 /// Replicas `a` and `b` equal their sources, row by row.
 async fn assert_replicas_equal(db: &TestDb, lake: &(impl AsLake + ?Sized)) {
     let client = db.client().await;
@@ -84,11 +89,7 @@ async fn a_transaction_in_parts_records_its_position_in_every_table_it_touched()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_walsenders_are_retried_and_every_change_lands_once() {
     let db = TestDb::new("terminate");
-    db.sql(
-        "CREATE TABLE a (id int PRIMARY KEY, v text); \
-         CREATE TABLE b (id int PRIMARY KEY, v text); \
-         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
-    );
+    db.sql(TWO_TABLES);
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let mut cfg = config(&db, &["a", "b"], &lake);
@@ -424,11 +425,7 @@ async fn faults_through(
 async fn network_cuts_and_a_frozen_network_are_retried_and_every_change_lands_once() {
     // The server gives up on a walsender that hears nothing for 3 s (a frozen network).
     let db = TestDb::with_conf("netcut", "wal_sender_timeout = '3s'\n");
-    db.sql(
-        "CREATE TABLE a (id int PRIMARY KEY, v text); \
-         CREATE TABLE b (id int PRIMARY KEY, v text); \
-         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
-    );
+    db.sql(TWO_TABLES);
     let proxy = support::proxy::Proxy::start(db.cluster.port()).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
@@ -538,11 +535,7 @@ async fn a_slot_advanced_by_someone_else_stops_the_next_start_and_start_over_rec
 async fn server_crashes_under_load_are_retried_and_every_change_lands_once() {
     // Commits wait for their WAL (the test clusters' default does not): a crash keeps them.
     let db = TestDb::with_conf("servercrash", weir::local_postgres::SYNCHRONOUS_COMMIT);
-    db.sql(
-        "CREATE TABLE a (id int PRIMARY KEY, v text); \
-         CREATE TABLE b (id int PRIMARY KEY, v text); \
-         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
-    );
+    db.sql(TWO_TABLES);
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let mut cfg = config(&db, &["a", "b"], &lake);
@@ -604,11 +597,7 @@ async fn an_object_store_out_of_reach_is_retried_and_every_change_lands_once() {
     s3.create_bucket("weir-faults");
     let proxy = support::proxy::Proxy::start(s3.port()).await;
     let db = TestDb::new("s3faults");
-    db.sql(
-        "CREATE TABLE a (id int PRIMARY KEY, v text); \
-         CREATE TABLE b (id int PRIMARY KEY, v text); \
-         INSERT INTO b SELECT g, 'start' FROM generate_series(1, 100) g;",
-    );
+    db.sql(TWO_TABLES);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&db, &["a", "b"], &dir.path().join("unused"));
     // Through the proxy, with the store client's own retries cut short, so that its
