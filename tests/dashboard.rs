@@ -315,6 +315,11 @@ async fn the_dashboard_shows_each_users_flagged_transactions_in_red() {
         dom.contains("fraud_rule") && dom.contains("weir_plugin_state"),
         "{dom}"
     );
+    // The backfill's progress, per table: both copied.
+    assert!(
+        dom.contains("Backfill") && dom.contains("public.transactions") && dom.contains(">done<"),
+        "{dom}"
+    );
     chromium_dom(
         &format!("http://{addr}/#pipeline"),
         Some(&shots.join("pipeline.png")),
@@ -345,6 +350,15 @@ async fn the_dashboard_shows_each_users_flagged_transactions_in_red() {
         "{p}"
     );
     assert_eq!(p["live"]["plugins"][0]["name"], "fraud_rule", "{p}");
+    let copies = p["live"]["backfill"].as_array().unwrap();
+    let copied: Vec<&str> = copies.iter().filter_map(|b| b["table"].as_str()).collect();
+    assert_eq!(copied, ["public.users", "public.transactions"], "{p}");
+    assert!(
+        copies
+            .iter()
+            .all(|b| b["done"] == true && b["rows"].as_u64().unwrap() > 0),
+        "{p}"
+    );
     let tables: Vec<&str> = p["tables"]
         .as_array()
         .unwrap()
@@ -365,6 +379,8 @@ async fn the_dashboard_shows_each_users_flagged_transactions_in_red() {
         "weir_lag_bytes",
         "weir_lag_seconds",
         "weir_acknowledged_lsn",
+        "weir_backfill_rows{table=\"public.transactions\"}",
+        "weir_backfill_done{table=\"public.transactions\"} 1",
     ] {
         assert!(
             metrics.contains(needle),

@@ -733,18 +733,35 @@ async fn random_kills_and_server_crashes_under_a_mixed_workload_lose_and_repeat_
         ),
     )
     .unwrap();
+    // Every run's log goes to one file, shown when a run fails (`WEIR_SOAK_LOG` keeps it).
+    let log = std::env::var_os("WEIR_SOAK_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("weir.log"));
     let weir = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         command
             .args(["run", "--config"])
             .arg(&config)
-            .stderr(Stdio::null());
+            .stderr(Stdio::from(file));
         command
     };
     let weir_until_now = || {
         let until = db.sql("SELECT pg_current_wal_insert_lsn()");
+        let started = std::time::Instant::now();
         let status = weir().args(["--until", &until]).status().unwrap();
-        assert!(status.success(), "weir run --until");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        assert!(
+            status.success(),
+            "weir run --until {until}; the log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        eprintln!("fault test: caught up to {until} in {:?}", started.elapsed());
     };
     weir_until_now();
     audit(&db, &["a", "b", "c"]);
@@ -840,7 +857,9 @@ async fn random_kills_and_server_crashes_under_a_mixed_workload_lose_and_repeat_
     );
     weir_until_now();
 
+    let started = std::time::Instant::now();
     assert_change_logs_match_audit(&db, &lake, &["a", "b", "c"], 0).await;
+    eprintln!("fault test: change logs compared in {:?}", started.elapsed());
     let client = db.client().await;
     for (t, pg, delta) in [
         (
@@ -865,4 +884,77 @@ async fn random_kills_and_server_crashes_under_a_mixed_workload_lose_and_repeat_
             &format!("replica {t}"),
         );
     }
+}
+
+/// A table joins the configuration while both tables are written: it is copied at a
+/// snapshot of its own and its changes after that follow, each once and in order, while
+/// every change of the table already in the lake lands once and that table is not copied
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_under_load_is_copied_alone_and_no_change_is_lost_or_doubled() {
+    let db = TestDb::new("addlive");
+    db.sql(TWO_TABLES);
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let with = |tables: &[&str]| {
+        let mut cfg = config(&db, tables, &lake);
+        cfg.lake.part_rows = 200;
+        cfg
+    };
+    db.sql("INSERT INTO a SELECT g, 'start' FROM generate_series(1, 50) g;");
+    run_until_now(&db, &with(&["a"])).await;
+    audit(&db, &["a", "b"]);
+    // Transactions of about 440 changes over both tables, in parts; some before `b` joins.
+    let writer = two_table_writer(db.client().await, 40, 300, 100);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let cfg = with(&["a", "b"]);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            weir::pipeline::run_with_retries(&cfg, weir::pipeline::RunOptions::default(), rx).await
+        })
+    };
+    writer.await.unwrap();
+    stop.send(true).unwrap();
+    task.await
+        .unwrap()
+        .expect("the pipeline ended without an error");
+    run_until_now(&db, &cfg).await;
+
+    assert_change_logs_match_audit(&db, &lake, &["a"], 2000).await;
+    assert_replicas_equal(&db, &lake).await;
+    assert_eq!(
+        lake_rows(&lake, "SELECT count(*) FROM a_changes WHERE _snapshot").await,
+        vec![vec!["50"]],
+        "a was copied once"
+    );
+    // b's streamed changes are exactly the audit's after its copy: a suffix, in order.
+    let client = db.client().await;
+    let want = pg_rows(
+        &client,
+        "SELECT op, id::text FROM audit WHERE tbl = 'b' ORDER BY n",
+    )
+    .await;
+    let got = lake_rows(
+        &lake,
+        "SELECT _op, CAST(id AS VARCHAR) FROM b_changes WHERE NOT _snapshot ORDER BY _lsn, _seq",
+    )
+    .await;
+    assert!(
+        !got.is_empty() && got.len() < want.len(),
+        "b's changes straddle its copy: {} of {}",
+        got.len(),
+        want.len()
+    );
+    assert_same_rows(
+        &want[want.len() - got.len()..],
+        &got,
+        "b_changes: the audit's changes after the copy",
+    );
+    assert_eq!(
+        lake_rows(&lake, "SELECT count(*) FROM b_changes WHERE _snapshot").await,
+        vec![vec!["100"]],
+        "b copied once"
+    );
 }

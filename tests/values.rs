@@ -359,3 +359,60 @@ async fn types_created_while_streaming_are_known_without_a_restart() {
     );
     assert_eq!(got[0][4], "2");
 }
+
+/// json and jsonb values land as their JSON text: a JSON string keeps its quotes, so that
+/// `"123"` (a string) and `123` (a number) stay apart, through the backfill, the stream and
+/// the default of an added column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_values_keep_their_kind_and_a_json_string_is_not_a_number() {
+    let db = TestDb::new("jsonkinds");
+    let rows = |first: i32| {
+        format!(
+            r#"INSERT INTO j VALUES ({first}, '"123"', '"123"'), ({}, '123', '123'),
+                 ({}, '{{"a": "b", "n": [1, "2"]}}', '{{"a":  "b"}}'),
+                 ({}, '"say \"hi\""', '"x"'), ({}, NULL, '[]');"#,
+            first + 1,
+            first + 2,
+            first + 3,
+            first + 4
+        )
+    };
+    db.sql(&format!(
+        "CREATE TABLE j (id int PRIMARY KEY, b jsonb, t json); {}",
+        rows(1)
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["j"], &lake);
+    run_until_now(&db, &cfg).await;
+    db.sql(&rows(11));
+    db.sql(r#"ALTER TABLE j ADD COLUMN d jsonb DEFAULT '"on"'; INSERT INTO j (id) VALUES (21);"#);
+    run_until_now(&db, &cfg).await;
+
+    let client = db.client().await;
+    let pg = pg_rows(
+        &client,
+        "SELECT id::text, b::text, t::text, d::text FROM j ORDER BY j.id",
+    )
+    .await;
+    let delta = lake_rows(
+        &lake,
+        "SELECT CAST(id AS VARCHAR) AS k, b, t, d FROM j ORDER BY id",
+    )
+    .await;
+    assert_eq!(pg.len(), 11, "{pg:?}");
+    assert_eq!(pg.len(), delta.len(), "{delta:?}");
+    let parse = |s: &str| -> Option<Value> {
+        (s != "NULL").then(|| {
+            serde_json::from_str(s).unwrap_or_else(|e| panic!("{s:?} is not JSON: {e}"))
+        })
+    };
+    for (p, d) in pg.iter().zip(&delta) {
+        assert_eq!(p[0], d[0]);
+        for c in 1..4 {
+            assert_eq!(parse(&p[c]), parse(&d[c]), "row {}: column {c}", p[0]);
+        }
+    }
+    assert_eq!(delta[0][1], r#""123""#);
+    assert_eq!(delta[1][1], "123");
+}

@@ -55,6 +55,9 @@ pub struct Telemetry {
     server_wal_end: Gauge,
     lag_bytes: Gauge,
     lag_seconds: Gauge<f64, AtomicU64>,
+    backfill_rows: Family<TableLabel, Gauge>,
+    backfill_estimated: Family<TableLabel, Gauge>,
+    backfill_done: Family<TableLabel, Gauge>,
     totals: Totals,
     live: Mutex<Live>,
 }
@@ -88,6 +91,15 @@ struct Live {
     recent_failures: VecDeque<FailureView>,
     /// (when, captured, plugins, written) samples for the rates.
     samples: VecDeque<(Instant, [u64; 3])>,
+    /// Per table copied by a backfill in this process, in the order copied.
+    backfill: Vec<(String, BackfillFigures)>,
+}
+
+struct BackfillFigures {
+    estimated: u64,
+    rows: u64,
+    started: Instant,
+    finished: Option<Instant>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -143,6 +155,43 @@ pub struct Snapshot {
     pub recent_failures: Vec<FailureView>,
     /// Per table: when the pipeline last committed to it (Unix ms).
     pub last_commit_ms: BTreeMap<String, i64>,
+    /// The tables a backfill copied or copies in this process, in order.
+    pub backfill: Vec<BackfillView>,
+}
+
+/// The backfill of one table, as the pipeline view shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackfillView {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows copied so far.
+    pub rows: u64,
+    /// PostgreSQL's estimate of the table's rows when its copy started.
+    pub estimated_rows: u64,
+    /// Whether the copy is complete.
+    pub done: bool,
+    /// Rows per second since its copy started (until it ended).
+    pub rows_per_second: f64,
+    /// Seconds left at that rate, by the estimate (while copying).
+    pub eta_seconds: Option<f64>,
+}
+
+impl BackfillView {
+    /// `public.users: 1,200 of ~5,000 rows (24%), 300 rows/s, 13 s left`.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{}: {} of ~{} rows", self.table, self.rows, self.estimated_rows);
+        if self.estimated_rows > 0 {
+            let pct = (self.rows as f64 / self.estimated_rows as f64 * 100.0).min(100.0);
+            s.push_str(&format!(" ({pct:.0}%)"));
+        }
+        s.push_str(&format!(", {:.0} rows/s", self.rows_per_second));
+        match (self.done, self.eta_seconds) {
+            (true, _) => s.push_str(", done"),
+            (false, Some(eta)) => s.push_str(&format!(", {eta:.0} s left")),
+            (false, None) => {}
+        }
+        s
+    }
 }
 
 /// One figure per stage.
@@ -190,6 +239,24 @@ impl Telemetry {
         let server_wal_end = Gauge::default();
         let lag_bytes = Gauge::default();
         let lag_seconds = Gauge::<f64, AtomicU64>::default();
+        let backfill_rows = Family::<TableLabel, Gauge>::default();
+        let backfill_estimated = Family::<TableLabel, Gauge>::default();
+        let backfill_done = Family::<TableLabel, Gauge>::default();
+        registry.register(
+            "backfill_rows",
+            "Rows a backfill has copied, per table",
+            backfill_rows.clone(),
+        );
+        registry.register(
+            "backfill_estimated_rows",
+            "PostgreSQL's estimate of the rows of a table being backfilled",
+            backfill_estimated.clone(),
+        );
+        registry.register(
+            "backfill_done",
+            "1 once a table's backfill is complete, 0 while it copies",
+            backfill_done.clone(),
+        );
         registry.register(
             "changes_captured",
             "Changes read from PostgreSQL, per source table",
@@ -252,6 +319,9 @@ impl Telemetry {
             server_wal_end,
             lag_bytes,
             lag_seconds,
+            backfill_rows,
+            backfill_estimated,
+            backfill_done,
             totals: Totals::default(),
             live: Mutex::new(Live::default()),
         }
@@ -274,10 +344,59 @@ impl Telemetry {
         self.live().running = false;
     }
 
+    /// The backfill starts copying `table` (`schema.table`), of about `estimated_rows`;
+    /// the table before it is complete.
+    pub fn backfill_started(&self, table: &str, estimated_rows: u64) {
+        self.backfill_finished();
+        let label = TableLabel {
+            table: table.to_string(),
+        };
+        self.backfill_estimated
+            .get_or_create(&label)
+            .set(estimated_rows as i64);
+        self.backfill_rows.get_or_create(&label).set(0);
+        self.backfill_done.get_or_create(&label).set(0);
+        let mut live = self.live();
+        live.backfill.retain(|(t, _)| t != table);
+        live.backfill.push((
+            table.to_string(),
+            BackfillFigures {
+                estimated: estimated_rows,
+                rows: 0,
+                started: Instant::now(),
+                finished: None,
+            },
+        ));
+    }
+
+    /// Every table being copied is complete (the backfill's position is recorded).
+    pub fn backfill_finished(&self) {
+        let mut live = self.live();
+        for (table, f) in live.backfill.iter_mut().filter(|(_, f)| f.finished.is_none()) {
+            f.finished = Some(Instant::now());
+            self.backfill_done
+                .get_or_create(&TableLabel {
+                    table: table.clone(),
+                })
+                .set(1);
+        }
+    }
+
     /// Changes handed from the capture to the rest of the pipeline.
     pub fn captured(&self, docs: &[ChangeDocument]) {
         for (table, n) in count_by_table(docs) {
             self.captured.get_or_create(&TableLabel { table }).inc_by(n);
+        }
+        if docs.iter().any(|d| d.source.snapshot) {
+            let mut live = self.live();
+            for (table, n) in count_by_table(docs) {
+                if let Some((_, f)) = live.backfill.iter_mut().find(|(t, _)| *t == table) {
+                    f.rows += n;
+                    self.backfill_rows
+                        .get_or_create(&TableLabel { table })
+                        .set(f.rows as i64);
+                }
+            }
         }
         self.totals.captured.fetch_add(docs.len() as u64, Relaxed);
     }
@@ -455,6 +574,27 @@ impl Telemetry {
                 .collect(),
             recent_failures: live.recent_failures.iter().cloned().collect(),
             last_commit_ms: live.last_commit_ms.clone(),
+            backfill: live
+                .backfill
+                .iter()
+                .map(|(table, f)| {
+                    let secs = f
+                        .finished
+                        .unwrap_or(now)
+                        .duration_since(f.started)
+                        .as_secs_f64();
+                    let rate = if secs > 0.0 { f.rows as f64 / secs } else { 0.0 };
+                    BackfillView {
+                        table: table.clone(),
+                        rows: f.rows,
+                        estimated_rows: f.estimated,
+                        done: f.finished.is_some(),
+                        rows_per_second: rate,
+                        eta_seconds: (f.finished.is_none() && rate > 0.0)
+                            .then(|| f.estimated.saturating_sub(f.rows) as f64 / rate),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -534,5 +674,45 @@ mod tests {
         let s = t.snapshot();
         assert_eq!(s.plugins[0].mean_ns_per_document, 2000.0);
         assert_eq!(s.totals.written, 10.0);
+    }
+
+    #[test]
+    fn backfill_progress_is_counted_per_table_and_shown() {
+        use crate::document::{Op, Source};
+        let t = Telemetry::new();
+        let doc = |table: &str, snapshot: bool| ChangeDocument {
+            op: if snapshot { Op::Read } else { Op::Insert },
+            columns: Vec::new(),
+            source: Source {
+                oid: 1,
+                schema: "public".into(),
+                table: table.into(),
+                lsn: Lsn(1),
+                txid: None,
+                ts_ms: 0,
+                seq: 0,
+                snapshot,
+            },
+            before: None,
+            unchanged: Vec::new(),
+        };
+        t.backfill_started("public.users", 4);
+        t.captured(&[doc("users", true), doc("users", true), doc("other", false)]);
+        let text = t.encode();
+        assert!(text.contains("weir_backfill_rows{table=\"public.users\"} 2"), "{text}");
+        assert!(
+            text.contains("weir_backfill_estimated_rows{table=\"public.users\"} 4"),
+            "{text}"
+        );
+        assert!(text.contains("weir_backfill_done{table=\"public.users\"} 0"), "{text}");
+        let view = &t.snapshot().backfill[0];
+        assert_eq!((view.rows, view.estimated_rows, view.done), (2, 4, false));
+        assert!(view.describe().starts_with("public.users: 2 of ~4 rows (50%)"), "{}", view.describe());
+        // The next table's start completes the one before.
+        t.backfill_started("public.transactions", 0);
+        t.backfill_finished();
+        let s = t.snapshot();
+        assert!(s.backfill.iter().all(|b| b.done), "{:?}", s.backfill);
+        assert!(t.encode().contains("weir_backfill_done{table=\"public.users\"} 1"));
     }
 }

@@ -93,9 +93,9 @@ pub async fn changes(capture: &mut Capture, n: usize) -> Vec<Value> {
     while out.len() < n {
         match next_event(capture, 30).await {
             CaptureEvent::Change(doc) => out.push(serde_json::from_str(&doc.to_json()).unwrap()),
-            CaptureEvent::Commit { position, .. } | CaptureEvent::BackfillDone { position } => {
-                capture.acknowledge(position)
-            }
+            CaptureEvent::Commit { position, .. }
+            | CaptureEvent::BackfillDone { position }
+            | CaptureEvent::TablesBackfilled { position, .. } => capture.acknowledge(position),
             CaptureEvent::BackfillTable { .. }
             | CaptureEvent::Schema(_)
             | CaptureEvent::Idle { .. } => {}
@@ -117,7 +117,9 @@ pub async fn backfill(capture: &mut Capture) -> Vec<Value> {
             CaptureEvent::BackfillTable { .. }
             | CaptureEvent::Schema(_)
             | CaptureEvent::Idle { .. } => {}
-            CaptureEvent::Commit { .. } => panic!("commit before the backfill was done"),
+            CaptureEvent::Commit { .. } | CaptureEvent::TablesBackfilled { .. } => {
+                panic!("commit before the backfill was done")
+            }
         }
     }
 }

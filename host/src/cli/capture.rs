@@ -129,7 +129,8 @@ pub async fn capture_to(
                     bar.inc(1);
                 }
             }
-            CaptureEvent::BackfillDone { position } => {
+            CaptureEvent::BackfillDone { position }
+            | CaptureEvent::TablesBackfilled { position, .. } => {
                 if let Some(bar) = progress.take() {
                     bar.finish();
                 }

@@ -205,14 +205,26 @@ enum Job {
     /// Nothing to write up to this position: recorded, then acknowledged.
     Idle(Lsn),
     /// Changes to write; with a position, recorded with them (and, with `complete`, in
-    /// every table: the end of the backfill).
+    /// the tables a backfill copied).
     Write {
         docs: Vec<ChangeDocument>,
         position: Option<Lsn>,
-        complete: bool,
+        complete: Completes,
         /// What the plugins made of `docs`.
         plugins: Option<PluginBatch>,
     },
+}
+
+/// Which tables a write completes the backfill of: they record its position also
+/// where they took no rows.
+#[derive(Debug, Clone, PartialEq)]
+enum Completes {
+    /// None: an ordinary write.
+    Nothing,
+    /// Every table (the initial backfill).
+    All,
+    /// These (tables added since the lake's last position).
+    Tables(Vec<u32>),
 }
 
 /// A write the sink made durable.
@@ -274,8 +286,12 @@ fn spawn_sink(
                 } => {
                     let started = Instant::now();
                     let mut r = sink.write(&docs, position).await;
-                    if let (Ok(()), Some(p), true) = (&r, position, complete) {
-                        r = sink.complete(p).await;
+                    if let (Ok(()), Some(p)) = (&r, position) {
+                        r = match &complete {
+                            Completes::Nothing => Ok(()),
+                            Completes::All => sink.complete(p, None).await,
+                            Completes::Tables(oids) => sink.complete(p, Some(oids)).await,
+                        };
                     }
                     if let (Ok(()), Some(b)) = (&r, &plugins) {
                         r = sink
@@ -304,7 +320,7 @@ fn spawn_sink(
                             idle: false,
                             changes: docs.len(),
                             newest_ts_ms: docs.iter().map(|d| d.source.ts_ms).max(),
-                            latencies_ms: if record_latency && !complete {
+                            latencies_ms: if record_latency && complete == Completes::Nothing {
                                 docs.iter()
                                     .map(|d| (now - d.source.ts_ms).max(0) as u32)
                                     .collect()
@@ -348,6 +364,32 @@ struct SinkLink<'a> {
     plugin_latencies_ms: Vec<u32>,
     done: mpsc::UnboundedReceiver<Result<Done, DeltaError>>,
     opts: &'a RunOptions,
+    /// The table the backfill copies, for the status line.
+    copying: Option<Copying>,
+}
+
+/// A table being copied: `schema.table`, estimated rows, rows so far, since when.
+struct Copying {
+    table: String,
+    estimated: u64,
+    rows: u64,
+    started: Instant,
+}
+
+impl Copying {
+    fn view(&self) -> crate::telemetry::BackfillView {
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { self.rows as f64 / secs } else { 0.0 };
+        crate::telemetry::BackfillView {
+            table: self.table.clone(),
+            rows: self.rows,
+            estimated_rows: self.estimated,
+            done: false,
+            rows_per_second: rate,
+            eta_seconds: (rate > 0.0)
+                .then(|| self.estimated.saturating_sub(self.rows) as f64 / rate),
+        }
+    }
 }
 
 impl SinkLink<'_> {
@@ -493,10 +535,18 @@ impl SinkLink<'_> {
         self.send(Job::Write {
             docs,
             position: Some(position),
-            complete: false,
+            complete: Completes::Nothing,
             plugins,
         })
         .await
+    }
+
+    /// The backfill's copies are complete.
+    fn backfill_done(&mut self) {
+        self.copying = None;
+        if let Some(t) = &self.opts.telemetry {
+            t.backfill_finished();
+        }
     }
 
     /// Hands a part of the backfill, or of an open transaction, to the sink (no
@@ -511,12 +561,15 @@ impl SinkLink<'_> {
         );
         let mut docs = std::mem::take(&mut batch.docs);
         *batch = Batch::default();
+        if let (Some((bar, _)), Some(c)) = (&self.status, &self.copying) {
+            bar.set_message(format!("backfill {}", c.view().describe()));
+        }
         // The state changes wait for the end of the backfill, which has a position.
         let plugins = self.process(&mut docs, false);
         self.send(Job::Write {
             docs,
             position: None,
-            complete: false,
+            complete: Completes::Nothing,
             plugins,
         })
         .await
@@ -540,13 +593,24 @@ pub async fn run(
     let mut sink = DeltaSink::open(config, &tables).await?;
     opts.lake_opened
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let resume = if opts.start_over {
+    let (resume, added) = if opts.start_over {
         tracing::warn!("starting over: the slot is dropped and every table backfilled again");
-        Resume::Fresh
+        (Resume::Fresh, Vec::new())
     } else {
         sink.resume()
     };
     tracing::info!(lake = %config.lake.url, ?resume, tables = ?sink.positions(), "lake opened");
+    if !added.is_empty() {
+        let names: Vec<String> = tables
+            .iter()
+            .filter(|t| added.contains(&t.oid))
+            .map(|t| t.display())
+            .collect();
+        tracing::info!(
+            tables = ?names,
+            "tables that hold nothing yet are backfilled (only they); the others stream on from where they stand"
+        );
+    }
     let plugins = if config.plugins.is_empty() {
         None
     } else {
@@ -566,6 +630,7 @@ pub async fn run(
             resume,
             stop_at: opts.stop_at,
             recorded: sink.highest_position_in_lake().await?,
+            backfill_tables: added,
             idle_interval: opts
                 .idle_interval
                 .unwrap_or(CaptureOptions::default().idle_interval),
@@ -604,6 +669,7 @@ pub async fn run(
         plugin_latencies_ms: Vec::new(),
         done,
         opts: &opts,
+        copying: None,
     };
     let result: Result<(), PipelineError> = async {
         loop {
@@ -656,11 +722,31 @@ pub async fn run(
                     }
                     link.send(Job::Schema(rel)).await?
                 }
-                CaptureEvent::BackfillTable { oid, .. } => {
+                CaptureEvent::BackfillTable {
+                    oid,
+                    table,
+                    estimated_rows,
+                } => {
+                    if let Some(t) = &opts.telemetry {
+                        t.backfill_started(&table, estimated_rows);
+                    }
+                    link.copying = Some(Copying {
+                        table,
+                        estimated: estimated_rows,
+                        rows: 0,
+                        started: Instant::now(),
+                    });
+                    // Tables added to a running pipeline are copied after the complete
+                    // transactions before their snapshot: those go first, with their
+                    // position.
+                    link.flush(&mut batch).await?;
                     link.write_part(&mut batch).await?;
                     link.send(Job::BeginBackfill(oid)).await?;
                 }
                 CaptureEvent::Change(doc) => {
+                    if let (true, Some(c)) = (doc.source.snapshot, link.copying.as_mut()) {
+                        c.rows += 1;
+                    }
                     batch.push(doc);
                     // A part of the backfill, or of a transaction too large to hold
                     // whole, is written as it comes (the complete transactions before
@@ -685,16 +771,30 @@ pub async fn run(
                     }
                 }
                 CaptureEvent::BackfillDone { position } => {
+                    link.backfill_done();
                     batch.close_transaction(position);
                     let (docs, _, plugins) = link.take_for_write(&mut batch);
                     link.send(Job::Write {
                         docs,
                         position: Some(position),
-                        complete: true,
+                        complete: Completes::All,
                         plugins,
                     })
                     .await?;
                     tracing::info!(%position, "backfill read; streaming");
+                }
+                CaptureEvent::TablesBackfilled { position, tables } => {
+                    link.backfill_done();
+                    batch.close_transaction(position);
+                    let (docs, _, plugins) = link.take_for_write(&mut batch);
+                    link.send(Job::Write {
+                        docs,
+                        position: Some(position),
+                        complete: Completes::Tables(tables),
+                        plugins,
+                    })
+                    .await?;
+                    tracing::info!(%position, "added tables copied; streaming on");
                 }
                 CaptureEvent::Commit { position, .. } => {
                     if opts.record_latency

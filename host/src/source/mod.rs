@@ -65,6 +65,11 @@ pub struct CaptureOptions {
     /// While nothing is delivered, how often to offer the server's position
     /// ([`CaptureEvent::Idle`]).
     pub idle_interval: Duration,
+    /// With [`Resume::After`]: tables (OIDs) the consumer holds nothing of, added since
+    /// it last recorded a position. They are copied at a snapshot of their own
+    /// ([`CaptureEvent::TablesBackfilled`]) once the stream reaches that snapshot, the
+    /// other tables' changes before it delivered first and none of theirs.
+    pub backfill_tables: Vec<u32>,
 }
 
 impl Default for CaptureOptions {
@@ -76,6 +81,7 @@ impl Default for CaptureOptions {
             temporary_slot: false,
             recorded: None,
             idle_interval: Duration::from_secs(30),
+            backfill_tables: Vec::new(),
         }
     }
 }
@@ -102,6 +108,16 @@ pub enum CaptureEvent {
     BackfillDone {
         /// The slot's consistent point.
         position: Lsn,
+    },
+    /// Tables added to a running capture ([`CaptureOptions::backfill_tables`]) are
+    /// copied: every transaction that committed before `position` has been delivered
+    /// (without their changes), their rows as of `position` too, and their changes from
+    /// `position` on follow. Acknowledging `position` records that.
+    TablesBackfilled {
+        /// Their snapshot's consistent point.
+        position: Lsn,
+        /// The tables copied (OIDs).
+        tables: Vec<u32>,
     },
     /// Nothing to deliver up to `position` (the WAL there is other tables' or other
     /// databases'). A consumer that records it and then acknowledges it lets PostgreSQL
@@ -194,6 +210,7 @@ impl Capture {
             &tables,
             &settings.user,
             matches!(opts.resume, Resume::After(_)),
+            &opts.backfill_tables,
         )
         .await?;
 
@@ -260,7 +277,7 @@ impl Capture {
                     });
                 }
                 repl_cfg.start_lsn = position.into();
-                let repl = connect_within(&settings, ReplicationClient::connect(repl_cfg))
+                let repl = connect_within(&settings, ReplicationClient::connect(repl_cfg.clone()))
                     .await?
                     .map_err(repl_err(&slot_name))?;
                 (repl, position, None)
@@ -282,7 +299,7 @@ impl Capture {
                     setup::drop_slot(&client, &cfg.slot).await?;
                 }
                 let mut repl =
-                    connect_within(&settings, ReplicationClient::connect_gated(repl_cfg))
+                    connect_within(&settings, ReplicationClient::connect_gated(repl_cfg.clone()))
                         .await?
                         .map_err(repl_err(&slot_name))?;
                 let (consistent_point, snapshot) =
@@ -301,6 +318,47 @@ impl Capture {
                 tracing::info!(slot = %cfg.slot, %consistent_point, "created replication slot");
                 (repl, consistent_point, Some((snapshot, consistent_point)))
             }
+        };
+
+        // Tables added since the consumer's last position: a snapshot of their own, held
+        // by a temporary slot's session until they are copied.
+        let adding = match opts.resume {
+            Resume::After(floor) if !opts.backfill_tables.is_empty() => {
+                let name = format!(
+                    "{}_add_{}",
+                    cfg.slot.chars().take(40).collect::<String>(),
+                    std::process::id()
+                );
+                let held_cfg = settings.replication_config(&name, publications.clone());
+                let mut held =
+                    connect_within(&settings, ReplicationClient::connect_gated(held_cfg))
+                        .await?
+                        .map_err(repl_err(&name))?;
+                let (point, snapshot) = backfill::create_slot(&mut held, &name, true).await?;
+                let added: Vec<relation::TableInfo> = tables
+                    .iter()
+                    .filter(|t| opts.backfill_tables.contains(&t.oid))
+                    .cloned()
+                    .collect();
+                tracing::info!(
+                    tables = ?added.iter().map(|t| t.display()).collect::<Vec<_>>(),
+                    %point,
+                    "tables new to the output: copied once the stream reaches their snapshot"
+                );
+                let mut reconnect = repl_cfg.clone();
+                reconnect.start_lsn = point.into();
+                Some(Adding {
+                    held,
+                    snapshot,
+                    point,
+                    tables: added,
+                    types: types.clone(),
+                    reconnect,
+                    settings: settings.clone(),
+                    floor,
+                })
+            }
+            _ => None,
         };
 
         // Started last: nothing after it can fail and leave it running.
@@ -325,6 +383,7 @@ impl Capture {
                     .collect(),
             ),
             resume_at,
+            durable: resume_at,
             delivered: resume_at,
             stop_at: opts.stop_at,
             watcher,
@@ -339,6 +398,9 @@ impl Capture {
                     .unwrap_or_else(tokio::time::Instant::now),
             ),
             txn_changes: 0,
+            adding,
+            held_back: std::collections::HashSet::new(),
+            reached_stop: false,
             // At least two status updates apart: the server's last word from us is that old.
             receive_timeout: (cfg.receive_timeout_s > 0).then(|| {
                 Duration::from_secs(cfg.receive_timeout_s)
@@ -480,6 +542,22 @@ impl Outbox {
     }
 }
 
+/// Tables added since the consumer's last position, to copy at their own snapshot.
+struct Adding {
+    /// The temporary slot's session, which holds the snapshot until it is dropped.
+    held: ReplicationClient,
+    snapshot: String,
+    /// The snapshot's consistent point.
+    point: Lsn,
+    tables: Vec<relation::TableInfo>,
+    types: crate::decode::TypeRegistry,
+    /// The stream's configuration to reopen it at `point` after the copy.
+    reconnect: pgwire_replication::ReplicationConfig,
+    settings: ConnectionSettings,
+    /// What the consumer held at the start: the lowest position to report as applied.
+    floor: Lsn,
+}
+
 /// What the backfill needs: the exported snapshot and what was read about the tables.
 struct Backfill {
     snapshot: String,
@@ -498,6 +576,9 @@ struct Worker {
     builder: ChangeBuilder,
     /// Transactions that committed before this are skipped.
     resume_at: Lsn,
+    /// What the consumer held at the start: skipped transactions up to it may be
+    /// acknowledged at once.
+    durable: Lsn,
     /// End of the last transaction delivered (or skipped).
     delivered: Lsn,
     /// Where to stop.
@@ -515,6 +596,13 @@ struct Worker {
     idle_offered: (Lsn, tokio::time::Instant),
     /// Changes delivered of the open transaction.
     txn_changes: usize,
+    /// Tables to copy once the stream reaches their snapshot.
+    adding: Option<Adding>,
+    /// Tables whose changes are not delivered (they are copied later, at a snapshot
+    /// that holds them).
+    held_back: std::collections::HashSet<u32>,
+    /// The stream returned because it reached `stop_at`.
+    reached_stop: bool,
     /// How long the replication connection may stay silent before the server is asked
     /// whether it still hears us.
     receive_timeout: Option<Duration>,
@@ -606,17 +694,106 @@ impl Worker {
                 .await
                 .map_err(|source| self.repl_error(source))?;
         }
+        self.catalog = Some(client);
+        if let Some(adding) = self.adding.take()
+            && !self.add_tables(repl, adding).await?
+        {
+            return Ok(());
+        }
         repl.wait_started()
             .await
             .map_err(|source| self.repl_error(source))?;
-        let low_water = socket::local_end(&client, &self.slot)
+        let low_water = self.low_water().await;
+        self.stream(repl, low_water).await
+    }
+
+    /// The replication socket's low-water mark (see `source/socket.rs`), where found.
+    async fn low_water(&self) -> Option<socket::LowWater> {
+        let client = self.catalog.as_ref()?;
+        let found = socket::local_end(client, &self.slot)
             .await
             .and_then(|(local, server_port)| socket::LowWater::find(local, server_port));
-        if low_water.is_none() {
+        if found.is_none() {
             tracing::debug!(slot = %self.slot, "replication socket not found: no low-water mark");
         }
-        self.catalog = Some(client);
-        self.stream(repl, low_water).await
+        found
+    }
+
+    /// Copies the tables added since the consumer's last position: streams up to their
+    /// snapshot's point (the other tables' changes, none of theirs), closes the stream,
+    /// copies them, and opens the stream again at that point, so that every change
+    /// comes in order once. Returns `false` when the capture stopped before.
+    async fn add_tables(
+        &mut self,
+        repl: &mut ReplicationClient,
+        adding: Adding,
+    ) -> Result<bool, SourceError> {
+        let Adding {
+            mut held,
+            snapshot,
+            point,
+            tables,
+            types,
+            mut reconnect,
+            settings,
+            floor,
+        } = adding;
+        let result = async {
+            repl.wait_started()
+                .await
+                .map_err(|source| self.repl_error(source))?;
+            let low_water = self.low_water().await;
+            // A stop before the snapshot's point moves to it: the copy cannot be older.
+            let wanted = self.stop_at;
+            self.stop_at = Some(point);
+            self.held_back = tables.iter().map(|t| t.oid).collect();
+            self.reached_stop = false;
+            let streamed = self.stream(repl, low_water).await;
+            self.stop_at = wanted.map(|w| w.max(point));
+            streamed?;
+            if !self.reached_stop || *self.stop.borrow() {
+                return Ok(false);
+            }
+            // A stream left unread through a long copy would time out on the server:
+            // it is closed, and opened again at `point` afterwards.
+            self.finish(repl).await;
+            let client = self.catalog.take().expect("the catalog session is set");
+            let copied = backfill::copy_tables(
+                &client,
+                &snapshot,
+                point,
+                &tables,
+                &types,
+                &mut self.events,
+                &self.stop,
+            )
+            .await;
+            self.catalog = Some(client);
+            if !copied? {
+                return Ok(false);
+            }
+            self.held_back.clear();
+            self.events
+                .push(CaptureEvent::TablesBackfilled {
+                    position: point,
+                    tables: tables.iter().map(|t| t.oid).collect(),
+                })
+                .await?;
+            self.events.flush().await?;
+            self.resume_at = point;
+            self.delivered = self.delivered.max(point);
+            // Nothing past what the consumer acknowledged is reported as applied.
+            let acked = (*self.ack.borrow()).max(floor);
+            reconnect.ack_lsn = Some(acked.into());
+            *repl = connect_within(&settings, ReplicationClient::connect(reconnect))
+                .await?
+                .map_err(|source| self.repl_error(source))?;
+            Ok(true)
+        }
+        .await;
+        // The snapshot is no longer needed; the temporary slot goes with its session.
+        held.abort();
+        result
     }
 
     /// Learns types created after the start (an enum or a domain of a column added while
@@ -744,6 +921,7 @@ impl Worker {
                 } => {
                     let lsn = Lsn::from(final_lsn);
                     if self.stop_at.is_some_and(|stop| lsn >= stop) {
+                        self.reached_stop = true;
                         return Ok(());
                     }
                     let skip = lsn < self.resume_at;
@@ -794,8 +972,12 @@ impl Worker {
                             })?;
                     match (decoded, *skip) {
                         (Decoded::Documents(docs), false) => {
-                            self.txn_changes += docs.len();
                             for doc in docs {
+                                // Copied later, at a snapshot that holds this change.
+                                if self.held_back.contains(&doc.source.oid) {
+                                    continue;
+                                }
+                                self.txn_changes += 1;
                                 self.events.push(CaptureEvent::Change(doc)).await?;
                             }
                         }
@@ -812,9 +994,13 @@ impl Worker {
                     let position = Lsn::from(end_lsn);
                     match txn.take() {
                         Some((_, true)) => {
-                            // Durable downstream already: acknowledge right away.
+                            // Durable downstream already: acknowledge right away (not
+                            // one delivered in this session before the stream was
+                            // reopened: the consumer acknowledges that itself).
                             tracing::debug!(lsn = %Lsn::from(lsn), "skipped a transaction delivered before the restart");
-                            repl.update_applied_lsn(end_lsn);
+                            if position <= self.durable {
+                                repl.update_applied_lsn(end_lsn);
+                            }
                         }
                         // Nothing of it to deliver (changes of published tables that
                         // source.tables leaves out): no commit to record; an idle
@@ -834,6 +1020,7 @@ impl Worker {
                     // Commits arrive in order and do not overlap: once one ends at or past
                     // the stop position, every transaction before it has been delivered.
                     if self.stop_at.is_some_and(|stop| position >= stop) {
+                        self.reached_stop = true;
                         return Ok(());
                     }
                 }
@@ -842,6 +1029,7 @@ impl Worker {
                         .update(wal_end.0, repl.metrics().last_applied_lsn().0);
                     if txn.is_none() && self.stop_at.is_some_and(|stop| Lsn::from(wal_end) >= stop)
                     {
+                        self.reached_stop = true;
                         return Ok(());
                     }
                     // Idle: the server's position is offered to the consumer, which

@@ -210,6 +210,7 @@ pub async fn ensure_publications(
     tables: &[TableInfo],
     user: &str,
     resuming: bool,
+    added: &[u32],
 ) -> Result<Vec<String>, SourceError> {
     let (full, insert_only): (Vec<&TableInfo>, Vec<&TableInfo>) =
         tables.iter().partition(|t| t.has_identity());
@@ -230,6 +231,9 @@ pub async fn ensure_publications(
         let published = published_tables(client, &names).await?;
         if let Some(t) = tables
             .iter()
+            // A table added since (to be copied) may join now; any other left the
+            // publication while weir was away, and its changes since are lost.
+            .filter(|t| !added.contains(&t.oid))
             .find(|t| !published.contains(&(t.schema.to_string(), t.name.to_string())))
         {
             return Err(SourceError::NotPublished {

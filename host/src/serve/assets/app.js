@@ -149,6 +149,12 @@ async function refreshPipeline() {
     $("kpi-plugins").textContent = live.running ? count(live.rates.plugins) : "–";
     $("kpi-written").textContent = live.running ? count(live.rates.written) : "–";
     $("kpi-commits").textContent = live.running ? `${count(live.totals.written)} rows in ${count(live.commits)} commits` : "changes/s into Delta";
+    const copies = live.backfill || [];
+    $("backfill-card").hidden = copies.length === 0;
+    $("backfill").querySelector("tbody").innerHTML = copies.map((b) =>
+      `<tr><td>${esc(b.table)}</td><td class="num">${count(b.rows)}</td><td class="num">${count(b.estimated_rows)}</td>` +
+      `<td class="num">${count(b.rows_per_second)}</td><td>${b.done ? "done" : b.eta_seconds != null ? `copying, ${count(b.eta_seconds)} s left` : "copying"}</td></tr>`
+    ).join("");
     $("plugins").querySelector("tbody").innerHTML = live.plugins.map((x) =>
       `<tr><td>${esc(x.name)}</td><td class="num">${count(x.documents)}</td><td class="num${x.failures ? " red" : ""}">${count(x.failures)}</td><td class="num">${(x.mean_ns_per_document / 1000).toFixed(1)} µs</td></tr>`
     ).join("") || `<tr><td colspan="4" class="muted">${live.running ? "No plugin configured." : "–"}</td></tr>`;

@@ -652,17 +652,30 @@ impl DeltaSink {
         Ok(())
     }
 
-    /// Where the capture should start: after the lowest position every table holds, or
-    /// afresh (with a backfill) when some table holds none.
-    pub fn resume(&self) -> Resume {
-        let mut lowest: Option<Lsn> = None;
-        for t in self.lake_tables() {
-            match t.version {
-                None => return Resume::Fresh,
-                Some(v) => lowest = Some(lowest.map_or(v, |l| l.min(v))),
+    /// Where the capture should start, and the source tables (OIDs) to backfill on the
+    /// way: after the lowest position a table holds, backfilling the tables that hold
+    /// none (added since); afresh, backfilling every table, when no table holds one, or
+    /// when the plugins' state holds none (plugins added since see every row).
+    pub fn resume(&self) -> (Resume, Vec<u32>) {
+        let lowest = self.lake_tables().filter_map(|t| t.version).min();
+        let state_missing = self.plugin_state.as_ref().is_some_and(|s| s.version.is_none());
+        match lowest {
+            Some(lowest) if !state_missing => {
+                let mut added: Vec<u32> = self
+                    .tables
+                    .iter()
+                    .filter(|(_, t)| {
+                        std::iter::once(&t.replica)
+                            .chain(t.changes.as_ref())
+                            .any(|lt| lt.version.is_none())
+                    })
+                    .map(|(oid, _)| *oid)
+                    .collect();
+                added.sort_unstable();
+                (Resume::After(lowest), added)
             }
+            _ => (Resume::Fresh, Vec::new()),
         }
-        lowest.map_or(Resume::Fresh, Resume::After)
     }
 
     /// The highest position any table holds: every position weir acknowledged is
@@ -818,6 +831,49 @@ impl DeltaSink {
             }
             by_table.entry(d.source.oid).or_default().push(d);
         }
+        // json and jsonb values are stored as their JSON text, a JSON string with its
+        // quotes: the documents of a table with such columns are copied with them as text.
+        let mut texts: HashMap<u32, Vec<ChangeDocument>> = HashMap::new();
+        for (oid, docs) in &by_table {
+            let Some(rel) = self.tables.get(oid).and_then(|t| t.relation.as_ref()) else {
+                continue;
+            };
+            let json: Vec<(&str, &crate::decode::TypeKind)> = rel
+                .columns
+                .iter()
+                .filter(|c| schema::holds_json(&c.kind))
+                .map(|c| (&*c.name, &c.kind))
+                .collect();
+            if json.is_empty() {
+                continue;
+            }
+            let as_text = |row: &crate::document::Row| -> crate::document::Row {
+                row.iter()
+                    .map(|(name, v)| match json.iter().find(|(n, _)| **n == **name) {
+                        Some((_, kind)) => (name.clone(), schema::json_as_text(kind, v)),
+                        None => (name.clone(), v.clone()),
+                    })
+                    .collect()
+            };
+            let copies = docs
+                .iter()
+                .map(|d| ChangeDocument {
+                    op: d.op,
+                    columns: as_text(&d.columns),
+                    source: d.source.clone(),
+                    before: d.before.as_ref().map(as_text),
+                    unchanged: d.unchanged.clone(),
+                })
+                .collect();
+            texts.insert(*oid, copies);
+        }
+        let by_table: HashMap<u32, Vec<&ChangeDocument>> = by_table
+            .into_iter()
+            .map(|(oid, docs)| match texts.get(&oid) {
+                Some(copies) => (oid, copies.iter().collect()),
+                None => (oid, docs),
+            })
+            .collect();
         // Every Delta table is independent: write them all at once.
         let mut writes = Vec::new();
         for (key, t) in self.tables.iter_mut() {
@@ -882,9 +938,13 @@ impl DeltaSink {
     }
 
     /// Records `position` in every table that does not hold it yet (the end of a
-    /// backfill: also tables that had no rows), creating missing tables.
-    pub async fn complete(&mut self, position: Lsn) -> Result<(), DeltaError> {
-        for t in self.tables.values_mut() {
+    /// backfill: also tables that had no rows), creating missing tables; with `only`,
+    /// in those source tables' (the backfill of tables added since).
+    pub async fn complete(&mut self, position: Lsn, only: Option<&[u32]>) -> Result<(), DeltaError> {
+        for (oid, t) in self.tables.iter_mut() {
+            if only.is_some_and(|only| !only.contains(oid)) {
+                continue;
+            }
             let rel = t.relation.clone();
             let delete = t.delete;
             let replica_fields = rel.as_ref().map(|r| replica_fields(r, delete));

@@ -94,6 +94,13 @@ pub async fn follow(
                 let Some(field) = fields.iter().find(|f| **f.name() == *c.name) else {
                     continue;
                 };
+                let text;
+                let value = if super::schema::holds_json(&c.kind) {
+                    text = super::schema::json_as_text(&c.kind, value);
+                    &text
+                } else {
+                    value
+                };
                 match literal(field, value) {
                     Some(l) => {
                         tracing::info!(

@@ -10,7 +10,7 @@
 //! | `timestamptz` | `timestamp` (UTC, microseconds) |
 //! | `timestamp` | `timestamp_ntz` |
 //! | `date` | `date` |
-//! | `json`, `jsonb` | `string` (the JSON text) |
+//! | `json`, `jsonb` | `string` (the JSON text, see [`json_as_text`]) |
 //! | `bytea` | `binary` |
 //! | arrays | `array<element>` |
 //! | everything else (`time`, `uuid`, text types, enums, `interval`, ...) | `string` |
@@ -153,6 +153,35 @@ pub fn to_arrow_json(value: Value, ty: &DataType) -> Value {
             )
         }
         (_, other) => other,
+    }
+}
+
+/// Whether a column of `kind` holds JSON values: `json`, `jsonb` (also through a domain),
+/// or arrays of them.
+pub fn holds_json(kind: &TypeKind) -> bool {
+    match kind {
+        TypeKind::Json => true,
+        TypeKind::Array(inner) => holds_json(inner),
+        _ => false,
+    }
+}
+
+/// A value of a column that [`holds_json`], as its Delta `string` column stores it: the
+/// JSON text, so that a JSON string keeps its quotes (`"123"` is not `123`). Of an array,
+/// each element's text (a sub-array of a multi-dimensional one as one JSON text).
+pub fn json_as_text(kind: &TypeKind, value: &Value) -> Value {
+    match (kind, value) {
+        (_, Value::Null) => Value::Null,
+        (TypeKind::Array(_), Value::Array(items)) => Value::Array(
+            items
+                .iter()
+                .map(|item| match item {
+                    Value::Null => Value::Null,
+                    other => Value::String(other.to_string()),
+                })
+                .collect(),
+        ),
+        (_, other) => Value::String(other.to_string()),
     }
 }
 
@@ -518,6 +547,24 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn json_values_are_stored_as_their_json_text_strings_with_their_quotes() {
+        let jsonb = TypeKind::Json;
+        assert_eq!(json_as_text(&jsonb, &json!("123")), json!("\"123\""));
+        assert_eq!(json_as_text(&jsonb, &json!(123)), json!("123"));
+        assert_eq!(json_as_text(&jsonb, &json!({"a": "b"})), json!(r#"{"a":"b"}"#));
+        assert_eq!(json_as_text(&jsonb, &json!(null)), json!(null));
+        let array = TypeKind::Array(Box::new(TypeKind::Json));
+        assert!(holds_json(&array) && !holds_json(&TypeKind::Text));
+        assert_eq!(
+            json_as_text(&array, &json!(["x", 1, null, ["y"]])),
+            json!(["\"x\"", "1", null, r#"["y"]"#])
+        );
+        // Stored as they are from then on.
+        let text = json_as_text(&jsonb, &json!("123"));
+        assert_eq!(to_arrow_json(text.clone(), &DataType::Utf8), text);
     }
 
     fn col(type_id: u32, type_modifier: i32, kind: TypeKind) -> ColumnInfo {
