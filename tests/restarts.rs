@@ -761,7 +761,10 @@ async fn random_kills_and_server_crashes_under_a_mixed_workload_lose_and_repeat_
             "weir run --until {until}; the log ends:\n{}",
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
-        eprintln!("fault test: caught up to {until} in {:?}", started.elapsed());
+        eprintln!(
+            "fault test: caught up to {until} in {:?}",
+            started.elapsed()
+        );
     };
     weir_until_now();
     audit(&db, &["a", "b", "c"]);
@@ -859,7 +862,10 @@ async fn random_kills_and_server_crashes_under_a_mixed_workload_lose_and_repeat_
 
     let started = std::time::Instant::now();
     assert_change_logs_match_audit(&db, &lake, &["a", "b", "c"], 0).await;
-    eprintln!("fault test: change logs compared in {:?}", started.elapsed());
+    eprintln!(
+        "fault test: change logs compared in {:?}",
+        started.elapsed()
+    );
     let client = db.client().await;
     for (t, pg, delta) in [
         (

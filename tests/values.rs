@@ -403,9 +403,8 @@ async fn json_values_keep_their_kind_and_a_json_string_is_not_a_number() {
     assert_eq!(pg.len(), 11, "{pg:?}");
     assert_eq!(pg.len(), delta.len(), "{delta:?}");
     let parse = |s: &str| -> Option<Value> {
-        (s != "NULL").then(|| {
-            serde_json::from_str(s).unwrap_or_else(|e| panic!("{s:?} is not JSON: {e}"))
-        })
+        (s != "NULL")
+            .then(|| serde_json::from_str(s).unwrap_or_else(|e| panic!("{s:?} is not JSON: {e}")))
     };
     for (p, d) in pg.iter().zip(&delta) {
         assert_eq!(p[0], d[0]);

@@ -179,7 +179,10 @@ pub struct BackfillView {
 impl BackfillView {
     /// `public.users: 1,200 of ~5,000 rows (24%), 300 rows/s, 13 s left`.
     pub fn describe(&self) -> String {
-        let mut s = format!("{}: {} of ~{} rows", self.table, self.rows, self.estimated_rows);
+        let mut s = format!(
+            "{}: {} of ~{} rows",
+            self.table, self.rows, self.estimated_rows
+        );
         if self.estimated_rows > 0 {
             let pct = (self.rows as f64 / self.estimated_rows as f64 * 100.0).min(100.0);
             s.push_str(&format!(" ({pct:.0}%)"));
@@ -372,7 +375,11 @@ impl Telemetry {
     /// Every table being copied is complete (the backfill's position is recorded).
     pub fn backfill_finished(&self) {
         let mut live = self.live();
-        for (table, f) in live.backfill.iter_mut().filter(|(_, f)| f.finished.is_none()) {
+        for (table, f) in live
+            .backfill
+            .iter_mut()
+            .filter(|(_, f)| f.finished.is_none())
+        {
             f.finished = Some(Instant::now());
             self.backfill_done
                 .get_or_create(&TableLabel {
@@ -583,7 +590,11 @@ impl Telemetry {
                         .unwrap_or(now)
                         .duration_since(f.started)
                         .as_secs_f64();
-                    let rate = if secs > 0.0 { f.rows as f64 / secs } else { 0.0 };
+                    let rate = if secs > 0.0 {
+                        f.rows as f64 / secs
+                    } else {
+                        0.0
+                    };
                     BackfillView {
                         table: table.clone(),
                         rows: f.rows,
@@ -699,20 +710,34 @@ mod tests {
         t.backfill_started("public.users", 4);
         t.captured(&[doc("users", true), doc("users", true), doc("other", false)]);
         let text = t.encode();
-        assert!(text.contains("weir_backfill_rows{table=\"public.users\"} 2"), "{text}");
+        assert!(
+            text.contains("weir_backfill_rows{table=\"public.users\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("weir_backfill_estimated_rows{table=\"public.users\"} 4"),
             "{text}"
         );
-        assert!(text.contains("weir_backfill_done{table=\"public.users\"} 0"), "{text}");
+        assert!(
+            text.contains("weir_backfill_done{table=\"public.users\"} 0"),
+            "{text}"
+        );
         let view = &t.snapshot().backfill[0];
         assert_eq!((view.rows, view.estimated_rows, view.done), (2, 4, false));
-        assert!(view.describe().starts_with("public.users: 2 of ~4 rows (50%)"), "{}", view.describe());
+        assert!(
+            view.describe()
+                .starts_with("public.users: 2 of ~4 rows (50%)"),
+            "{}",
+            view.describe()
+        );
         // The next table's start completes the one before.
         t.backfill_started("public.transactions", 0);
         t.backfill_finished();
         let s = t.snapshot();
         assert!(s.backfill.iter().all(|b| b.done), "{:?}", s.backfill);
-        assert!(t.encode().contains("weir_backfill_done{table=\"public.users\"} 1"));
+        assert!(
+            t.encode()
+                .contains("weir_backfill_done{table=\"public.users\"} 1")
+        );
     }
 }

@@ -379,7 +379,11 @@ struct Copying {
 impl Copying {
     fn view(&self) -> crate::telemetry::BackfillView {
         let secs = self.started.elapsed().as_secs_f64();
-        let rate = if secs > 0.0 { self.rows as f64 / secs } else { 0.0 };
+        let rate = if secs > 0.0 {
+            self.rows as f64 / secs
+        } else {
+            0.0
+        };
         crate::telemetry::BackfillView {
             table: self.table.clone(),
             rows: self.rows,

@@ -298,10 +298,12 @@ impl Capture {
                     );
                     setup::drop_slot(&client, &cfg.slot).await?;
                 }
-                let mut repl =
-                    connect_within(&settings, ReplicationClient::connect_gated(repl_cfg.clone()))
-                        .await?
-                        .map_err(repl_err(&slot_name))?;
+                let mut repl = connect_within(
+                    &settings,
+                    ReplicationClient::connect_gated(repl_cfg.clone()),
+                )
+                .await?
+                .map_err(repl_err(&slot_name))?;
                 let (consistent_point, snapshot) =
                     backfill::create_slot(&mut repl, &cfg.slot, opts.temporary_slot)
                         .await

@@ -658,7 +658,10 @@ impl DeltaSink {
     /// when the plugins' state holds none (plugins added since see every row).
     pub fn resume(&self) -> (Resume, Vec<u32>) {
         let lowest = self.lake_tables().filter_map(|t| t.version).min();
-        let state_missing = self.plugin_state.as_ref().is_some_and(|s| s.version.is_none());
+        let state_missing = self
+            .plugin_state
+            .as_ref()
+            .is_some_and(|s| s.version.is_none());
         match lowest {
             Some(lowest) if !state_missing => {
                 let mut added: Vec<u32> = self
@@ -940,7 +943,11 @@ impl DeltaSink {
     /// Records `position` in every table that does not hold it yet (the end of a
     /// backfill: also tables that had no rows), creating missing tables; with `only`,
     /// in those source tables' (the backfill of tables added since).
-    pub async fn complete(&mut self, position: Lsn, only: Option<&[u32]>) -> Result<(), DeltaError> {
+    pub async fn complete(
+        &mut self,
+        position: Lsn,
+        only: Option<&[u32]>,
+    ) -> Result<(), DeltaError> {
         for (oid, t) in self.tables.iter_mut() {
             if only.is_some_and(|only| !only.contains(oid)) {
                 continue;

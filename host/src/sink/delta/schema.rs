@@ -554,7 +554,10 @@ mod tests {
         let jsonb = TypeKind::Json;
         assert_eq!(json_as_text(&jsonb, &json!("123")), json!("\"123\""));
         assert_eq!(json_as_text(&jsonb, &json!(123)), json!("123"));
-        assert_eq!(json_as_text(&jsonb, &json!({"a": "b"})), json!(r#"{"a":"b"}"#));
+        assert_eq!(
+            json_as_text(&jsonb, &json!({"a": "b"})),
+            json!(r#"{"a":"b"}"#)
+        );
         assert_eq!(json_as_text(&jsonb, &json!(null)), json!(null));
         let array = TypeKind::Array(Box::new(TypeKind::Json));
         assert!(holds_json(&array) && !holds_json(&TypeKind::Text));
