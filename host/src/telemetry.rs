@@ -179,10 +179,14 @@ pub struct BackfillView {
 impl BackfillView {
     /// `public.users: 1,200 of ~5,000 rows (24%), 300 rows/s, 13 s left`.
     pub fn describe(&self) -> String {
-        let mut s = format!(
-            "{}: {} of ~{} rows",
-            self.table, self.rows, self.estimated_rows
-        );
+        let mut s = if self.estimated_rows > 0 {
+            format!(
+                "{}: {} of ~{} rows",
+                self.table, self.rows, self.estimated_rows
+            )
+        } else {
+            format!("{}: {} rows", self.table, self.rows)
+        };
         if self.estimated_rows > 0 {
             let pct = (self.rows as f64 / self.estimated_rows as f64 * 100.0).min(100.0);
             s.push_str(&format!(" ({pct:.0}%)"));
@@ -601,8 +605,9 @@ impl Telemetry {
                         estimated_rows: f.estimated,
                         done: f.finished.is_some(),
                         rows_per_second: rate,
-                        eta_seconds: (f.finished.is_none() && rate > 0.0)
-                            .then(|| f.estimated.saturating_sub(f.rows) as f64 / rate),
+                        // Unknown without an estimate (a table never analyzed) or past it.
+                        eta_seconds: (f.finished.is_none() && rate > 0.0 && f.estimated > f.rows)
+                            .then(|| (f.estimated - f.rows) as f64 / rate),
                     }
                 })
                 .collect(),
@@ -730,7 +735,17 @@ mod tests {
             "{}",
             view.describe()
         );
-        // The next table's start completes the one before.
+        // Without an estimate (never analyzed): no share, no time left.
+        t.backfill_started("public.fresh", 0);
+        t.captured(&[doc("fresh", true)]);
+        let fresh = t.snapshot().backfill.pop().unwrap();
+        assert_eq!(fresh.eta_seconds, None);
+        assert!(
+            fresh.describe().starts_with("public.fresh: 1 rows, "),
+            "{}",
+            fresh.describe()
+        );
+        // The next table's start completes the ones before.
         t.backfill_started("public.transactions", 0);
         t.backfill_finished();
         let s = t.snapshot();

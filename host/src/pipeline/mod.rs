@@ -390,8 +390,8 @@ impl Copying {
             estimated_rows: self.estimated,
             done: false,
             rows_per_second: rate,
-            eta_seconds: (rate > 0.0)
-                .then(|| self.estimated.saturating_sub(self.rows) as f64 / rate),
+            eta_seconds: (rate > 0.0 && self.estimated > self.rows)
+                .then(|| (self.estimated - self.rows) as f64 / rate),
         }
     }
 }

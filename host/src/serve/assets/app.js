@@ -152,7 +152,7 @@ async function refreshPipeline() {
     const copies = live.backfill || [];
     $("backfill-card").hidden = copies.length === 0;
     $("backfill").querySelector("tbody").innerHTML = copies.map((b) =>
-      `<tr><td>${esc(b.table)}</td><td class="num">${count(b.rows)}</td><td class="num">${count(b.estimated_rows)}</td>` +
+      `<tr><td>${esc(b.table)}</td><td class="num">${count(b.rows)}</td><td class="num">${b.estimated_rows > 0 ? count(b.estimated_rows) : "not estimated"}</td>` +
       `<td class="num">${count(b.rows_per_second)}</td><td>${b.done ? "done" : b.eta_seconds != null ? `copying, ${count(b.eta_seconds)} s left` : "copying"}</td></tr>`
     ).join("");
     $("plugins").querySelector("tbody").innerHTML = live.plugins.map((x) =>
