@@ -545,12 +545,27 @@ impl SinkLink<'_> {
         .await
     }
 
-    /// The backfill's copies are complete.
-    fn backfill_done(&mut self) {
+    /// The backfill's copies are complete at `position`: the rest of the batch is
+    /// written with it, and the tables `complete` names record it.
+    async fn complete_backfill(
+        &mut self,
+        batch: &mut Batch,
+        position: Lsn,
+        complete: Completes,
+    ) -> Result<(), PipelineError> {
         self.copying = None;
         if let Some(t) = &self.opts.telemetry {
             t.backfill_finished();
         }
+        batch.close_transaction(position);
+        let (docs, _, plugins) = self.take_for_write(batch);
+        self.send(Job::Write {
+            docs,
+            position: Some(position),
+            complete,
+            plugins,
+        })
+        .await
     }
 
     /// Hands a part of the backfill, or of an open transaction, to the sink (no
@@ -775,29 +790,13 @@ pub async fn run(
                     }
                 }
                 CaptureEvent::BackfillDone { position } => {
-                    link.backfill_done();
-                    batch.close_transaction(position);
-                    let (docs, _, plugins) = link.take_for_write(&mut batch);
-                    link.send(Job::Write {
-                        docs,
-                        position: Some(position),
-                        complete: Completes::All,
-                        plugins,
-                    })
-                    .await?;
+                    link.complete_backfill(&mut batch, position, Completes::All)
+                        .await?;
                     tracing::info!(%position, "backfill read; streaming");
                 }
                 CaptureEvent::TablesBackfilled { position, tables } => {
-                    link.backfill_done();
-                    batch.close_transaction(position);
-                    let (docs, _, plugins) = link.take_for_write(&mut batch);
-                    link.send(Job::Write {
-                        docs,
-                        position: Some(position),
-                        complete: Completes::Tables(tables),
-                        plugins,
-                    })
-                    .await?;
+                    link.complete_backfill(&mut batch, position, Completes::Tables(tables))
+                        .await?;
                     tracing::info!(%position, "added tables copied; streaming on");
                 }
                 CaptureEvent::Commit { position, .. } => {
