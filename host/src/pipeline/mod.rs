@@ -657,8 +657,11 @@ pub async fn run(
         },
     )
     .await?;
-    // The slot is ours now: what an unfinished transaction left in the lake can go.
+    // The slot is ours now: what an unfinished transaction left in the lake can go, and
+    // the tables this run leaves out are marked before any change they miss is
+    // acknowledged.
     sink.repair().await?;
+    sink.mark_detached().await?;
     if let Some(t) = &opts.telemetry {
         t.started(capture.progress());
     }

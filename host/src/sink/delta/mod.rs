@@ -64,6 +64,9 @@ pub const SNAPSHOT: &str = "_snapshot";
 pub const BEFORE: &str = "_before";
 /// Change-log column: columns whose TOAST value was not sent.
 pub const UNCHANGED: &str = "_unchanged";
+/// Table property: set (to the position the table stood at) on a source table's lake
+/// tables while the configuration leaves them out; cleared when a copy fills them again.
+pub const DETACHED_PROPERTY: &str = "weir.detached";
 
 /// What went wrong writing the lake. Each names the table or location at fault.
 #[derive(Debug, thiserror::Error)]
@@ -654,7 +657,8 @@ impl DeltaSink {
 
     /// Where the capture should start, and the source tables (OIDs) to backfill on the
     /// way: after the lowest position a table holds, backfilling the tables that hold
-    /// none (added since); afresh, backfilling every table, when no table holds one, or
+    /// none (added since) or that a run without them marked (see
+    /// [`DeltaSink::mark_detached`]); afresh, backfilling every table, when no table holds one, or
     /// when the plugins' state holds none (plugins added since see every row).
     pub fn resume(&self) -> (Resume, Vec<u32>) {
         let lowest = self.lake_tables().filter_map(|t| t.version).min();
@@ -670,7 +674,7 @@ impl DeltaSink {
                     .filter(|(_, t)| {
                         std::iter::once(&t.replica)
                             .chain(t.changes.as_ref())
-                            .any(|lt| lt.version.is_none())
+                            .any(|lt| lt.version.is_none() || lt.detached())
                     })
                     .map(|(oid, _)| *oid)
                     .collect();
@@ -692,8 +696,17 @@ impl DeltaSink {
     /// positions of the transactions that touched only it).
     pub async fn highest_position_in_lake(&self) -> Result<Option<Lsn>, DeltaError> {
         let mut highest = self.highest_position();
+        for t in self.unopened_tables().await? {
+            highest = highest.max(t.version);
+        }
+        Ok(highest)
+    }
+
+    /// The lake's tables this sink has not opened (tables of other pipelines, or of
+    /// this one that the configuration no longer names).
+    async fn unopened_tables(&self) -> Result<Vec<LakeTable>, DeltaError> {
         let open: std::collections::HashSet<&str> =
-            self.lake_tables().map(|t| t.name.as_str()).collect();
+            self.every_table().map(|t| t.name.as_str()).collect();
         let names =
             crate::query::list_tables(&self.lake)
                 .await
@@ -701,18 +714,51 @@ impl DeltaSink {
                     url: self.lake.root.to_string(),
                     reason: e.to_string(),
                 })?;
+        let mut tables = Vec::new();
         for name in names.iter().filter(|n| !open.contains(n.as_str())) {
-            let t = LakeTable::open(
-                name,
-                self.lake.table_url(name),
-                self.lake.storage.clone(),
-                &self.pipeline,
-                self.checkpoint_interval,
-            )
-            .await?;
-            highest = highest.max(t.version);
+            tables.push(
+                LakeTable::open(
+                    name,
+                    self.lake.table_url(name),
+                    self.lake.storage.clone(),
+                    &self.pipeline,
+                    self.checkpoint_interval,
+                )
+                .await?,
+            );
         }
-        Ok(highest)
+        Ok(tables)
+    }
+
+    /// Marks the tables this pipeline wrote that this run does not (a source table left
+    /// out of `source.tables`, a change log turned off, a plugin removed): from now on
+    /// their changes are not captured, so a table configured again later is copied
+    /// afresh ([`DeltaSink::resume`] lists it) rather than continued from a position it
+    /// no longer follows. Runs before any position past the lake's is acknowledged, by
+    /// the process that holds the slot. Returns the tables marked.
+    pub async fn mark_detached(&mut self) -> Result<Vec<String>, DeltaError> {
+        let mut marked = Vec::new();
+        for mut t in self.unopened_tables().await? {
+            let Some(v) = t.version else { continue };
+            // A source table's replica or change log (both keep the exact values).
+            let of_source = t
+                .arrow_schema()
+                .is_some_and(|s| s.field_with_name(RAW).is_ok());
+            if !of_source || t.detached() {
+                continue;
+            }
+            t.set_property(DETACHED_PROPERTY, v.to_string()).await?;
+            self.stats.commits += 1;
+            marked.push(t.name.clone());
+        }
+        if !marked.is_empty() {
+            tracing::warn!(
+                tables = ?marked,
+                "lake tables this run does not write (left out of the configuration): \
+                 marked, so that if configured again they are copied afresh"
+            );
+        }
+        Ok(marked)
     }
 
     /// Records an idle position (nothing to write before it) in one table, the one that
@@ -966,6 +1012,10 @@ impl DeltaSink {
                 if lt.exists() && lt.version.is_none_or(|v| v < position) {
                     lt.commit_position(position).await?;
                 }
+                // After the position: a crash in between copies the table once more.
+                if lt.detached() {
+                    lt.set_property(DETACHED_PROPERTY, String::new()).await?;
+                }
             }
         }
         Ok(())
@@ -990,6 +1040,15 @@ impl DeltaSink {
 
     /// Every table this sink has open: replicas, change logs, plugin outputs, dead
     /// letters, plugin state.
+    fn every_table(&self) -> impl Iterator<Item = &LakeTable> {
+        self.tables
+            .values()
+            .flat_map(|t| std::iter::once(&t.replica).chain(t.changes.as_ref()))
+            .chain(self.collections.values())
+            .chain(self.dead_letters.as_ref())
+            .chain(self.plugin_state.as_ref())
+    }
+
     fn every_table_mut(&mut self) -> Vec<&mut LakeTable> {
         let mut tables: Vec<&mut LakeTable> = Vec::new();
         for t in self.tables.values_mut() {

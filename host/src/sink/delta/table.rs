@@ -548,6 +548,13 @@ impl LakeTable {
         snapshot.metadata().configuration().get(key).cloned()
     }
 
+    /// Whether a run that left this table out of its configuration marked it (see
+    /// `DeltaSink::mark_detached`): its position no longer says what it holds.
+    pub fn detached(&self) -> bool {
+        self.property(super::DETACHED_PROPERTY)
+            .is_some_and(|p| !p.is_empty())
+    }
+
     /// Sets a table property (keeps the position).
     pub async fn set_property(&mut self, key: &str, value: String) -> Result<(), DeltaError> {
         let table = self.take().await?;
