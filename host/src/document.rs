@@ -74,6 +74,31 @@ pub struct ChangeDocument {
     pub before: Option<Row>,
     /// Columns whose (TOASTed) value did not change and was not sent.
     pub unchanged: Vec<Arc<str>>,
+    /// json/jsonb values whose parsed form does not hold every number digit for digit:
+    /// their exact text, serialized in place of the value and stored in the lake as it
+    /// is. Nearly always empty.
+    pub exact: Vec<ExactJson>,
+}
+
+/// The exact text of one json/jsonb value (see [`ChangeDocument::exact`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExactJson {
+    /// Of the old row (`before`) rather than the columns.
+    pub before: bool,
+    pub column: Arc<str>,
+    /// Compact JSON text.
+    pub text: Box<str>,
+}
+
+impl ChangeDocument {
+    /// The exact JSON text of a column of the row (`before`: of the old row), if it has
+    /// one.
+    pub fn exact_text(&self, before: bool, column: &str) -> Option<&str> {
+        self.exact
+            .iter()
+            .find(|e| e.before == before && *e.column == *column)
+            .map(|e| &*e.text)
+    }
 }
 
 impl ChangeDocument {
@@ -93,15 +118,32 @@ impl ChangeDocument {
     }
 }
 
-struct RowRef<'a>(&'a Row);
+struct RowRef<'a>(&'a Row, &'a ChangeDocument, bool);
 
 impl Serialize for RowRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
         for (name, value) in self.0 {
-            map.serialize_entry(&**name, value)?;
+            map.serialize_entry(&**name, &ValueRef(self.1, self.2, name, value))?;
         }
         map.end()
+    }
+}
+
+/// A value, or its exact JSON text where the document has one.
+struct ValueRef<'a>(&'a ChangeDocument, bool, &'a str, &'a Value);
+
+impl Serialize for ValueRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if !self.0.exact.is_empty()
+            && let Some(text) = self.0.exact_text(self.1, self.2)
+        {
+            use serde::ser::Error as _;
+            let raw = serde_json::value::RawValue::from_string(text.to_string())
+                .map_err(S::Error::custom)?;
+            return raw.serialize(s);
+        }
+        self.3.serialize(s)
     }
 }
 
@@ -131,7 +173,7 @@ impl Serialize for MetaRef<'_> {
         map.serialize_entry("op", &doc.op)?;
         map.serialize_entry("source", &SourceRef(&doc.source))?;
         if let Some(before) = &doc.before {
-            map.serialize_entry("before", &RowRef(before))?;
+            map.serialize_entry("before", &RowRef(before, doc, true))?;
         }
         if !doc.unchanged.is_empty() {
             let names: Vec<&str> = doc.unchanged.iter().map(|n| &**n).collect();
@@ -147,10 +189,11 @@ impl Serialize for ChangeDocument {
         for (name, value) in &self.columns {
             // A source column that happens to be called `_meta` would make the object
             // ambiguous; the metadata wins and the column is reachable as `__meta`.
+            let value = ValueRef(self, false, name, value);
             if &**name == META_FIELD {
-                map.serialize_entry("__meta", value)?;
+                map.serialize_entry("__meta", &value)?;
             } else {
-                map.serialize_entry(&**name, value)?;
+                map.serialize_entry(&**name, &value)?;
             }
         }
         map.serialize_entry(META_FIELD, &MetaRef(self))?;
@@ -180,10 +223,48 @@ mod tests {
             },
             before: Some(vec![("id".into(), json!(1))]),
             unchanged: vec!["note".into()],
+            exact: Vec::new(),
         };
         assert_eq!(
             doc.to_json(),
             r#"{"id":1,"amount":"10.50","_meta":{"op":"u","source":{"schema":"public","table":"transactions","lsn":"0/16B3748","txid":731,"ts_ms":1700000000000,"seq":2,"snapshot":false},"before":{"id":1},"unchanged":["note"]}}"#
         );
+    }
+
+    #[test]
+    fn an_exact_json_text_is_written_in_place_of_the_value() {
+        let mut doc = ChangeDocument {
+            op: Op::Insert,
+            columns: vec![("id".into(), json!(1)), ("j".into(), json!({"n": 1.0}))],
+            source: Source {
+                oid: 0,
+                schema: "public".into(),
+                table: "t".into(),
+                lsn: Lsn(1),
+                txid: None,
+                ts_ms: 0,
+                seq: 0,
+                snapshot: false,
+            },
+            before: Some(vec![("j".into(), json!(2.0))]),
+            unchanged: Vec::new(),
+            exact: Vec::new(),
+        };
+        doc.exact.push(ExactJson {
+            before: false,
+            column: "j".into(),
+            text: r#"{"n":1.00000000000000000001}"#.into(),
+        });
+        doc.exact.push(ExactJson {
+            before: true,
+            column: "j".into(),
+            text: "1e400".into(),
+        });
+        let text = doc.to_json();
+        assert!(
+            text.starts_with(r#"{"id":1,"j":{"n":1.00000000000000000001},"_meta""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""before":{"j":1e400}"#), "{text}");
     }
 }

@@ -711,6 +711,7 @@ mod tests {
             },
             before: None,
             unchanged: Vec::new(),
+            exact: Vec::new(),
         };
         t.backfill_started("public.users", 4);
         t.captured(&[doc("users", true), doc("users", true), doc("other", false)]);

@@ -226,6 +226,96 @@ pub fn to_json(kind: &TypeKind, text: &str) -> Value {
     }
 }
 
+/// [`to_json`], and for a json or jsonb value whose parsed form does not keep every
+/// number digit for digit (`12345678901234567890.5`, `1.50`, `1e400`, which an `f64`
+/// cannot hold as written) its exact JSON text, without the spaces between tokens. The
+/// document serializes and the lake stores that text in place of the parsed value.
+pub fn to_json_exact(kind: &TypeKind, text: &str) -> (Value, Option<Box<str>>) {
+    let value = to_json(kind, text);
+    if !matches!(kind, TypeKind::Json) {
+        return (value, None);
+    }
+    // A string is what a text that does not parse becomes (`1e400`); a JSON string is
+    // quoted in the text.
+    let parsed = !matches!(&value, Value::String(s) if !text.trim_start().starts_with('"'));
+    let exact = if parsed && numbers_kept(text, &value) {
+        None
+    } else {
+        Some(compact_json(text).into_boxed_str())
+    };
+    (value, exact)
+}
+
+/// Whether the numbers of JSON `text`, in order, are those of `value` as serde_json
+/// writes them.
+fn numbers_kept(text: &str, value: &Value) -> bool {
+    let mut tokens = number_tokens(text);
+    fn walk<'a>(v: &Value, tokens: &mut impl Iterator<Item = &'a str>) -> bool {
+        match v {
+            Value::Number(n) => tokens.next().is_some_and(|t| n.to_string() == t),
+            Value::Array(items) => items.iter().all(|i| walk(i, tokens)),
+            Value::Object(map) => map.values().all(|i| walk(i, tokens)),
+            _ => true,
+        }
+    }
+    walk(value, &mut tokens) && tokens.next().is_none()
+}
+
+/// The number tokens of JSON `text`, outside strings, in order.
+fn number_tokens(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < bytes.len() {
+            match bytes[i] {
+                b'"' => {
+                    i += 1;
+                    while i < bytes.len() && bytes[i] != b'"' {
+                        i += if bytes[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = i;
+                    while i < bytes.len()
+                        && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                    {
+                        i += 1;
+                    }
+                    return Some(&text[start..i]);
+                }
+                _ => i += 1,
+            }
+        }
+        None
+    })
+}
+
+/// JSON `text` without the whitespace between its tokens (strings kept as they are).
+fn compact_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !c.is_whitespace() {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn decode_hex_bytea(text: &str) -> Option<Vec<u8>> {
     let hex = text.strip_prefix("\\x")?.as_bytes();
     if hex.len() % 2 != 0 {
@@ -424,6 +514,33 @@ mod tests {
 
     fn conv(oid: u32, text: &str) -> Value {
         to_json(&TypeRegistry::default().kind(oid), text)
+    }
+
+    #[test]
+    fn json_numbers_an_f64_cannot_hold_keep_their_exact_text() {
+        let jsonb = TypeKind::Json;
+        let exact = |text: &str| to_json_exact(&jsonb, text).1.map(String::from);
+        assert_eq!(
+            exact(r#"{"a": 1, "b": [0.1, -2, 2.5], "c": "1.50"}"#),
+            None
+        );
+        assert_eq!(
+            exact("12345678901234567890123"),
+            Some("12345678901234567890123".into())
+        );
+        assert_eq!(
+            exact(r#"{"amount": 1234567890123456789.25, "note": "a b"}"#),
+            Some(r#"{"amount":1234567890123456789.25,"note":"a b"}"#.into())
+        );
+        assert_eq!(exact(r#"[1.50]"#), Some("[1.50]".into()));
+        let (value, text) = to_json_exact(&jsonb, r#"{"x": 1e400}"#);
+        assert_eq!(text.as_deref(), Some(r#"{"x":1e400}"#));
+        assert!(value.is_string(), "{value}");
+        // A JSON string that looks like a number is a string, exactly.
+        assert_eq!(to_json_exact(&jsonb, r#""1e400""#), (json!("1e400"), None));
+        // Escaped quotes inside strings do not end them.
+        assert_eq!(exact(r#"{"k\"1": "v\" 2", "n": 3}"#), None);
+        assert_eq!(to_json_exact(&TypeKind::Numeric, "1.50").1, None);
     }
 
     #[test]

@@ -327,6 +327,7 @@ mod tests {
             },
             before: None,
             unchanged: vec![],
+            exact: Vec::new(),
         }
     }
 

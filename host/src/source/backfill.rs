@@ -158,9 +158,10 @@ pub async fn copy_tables(
                             .then(|| String::from_utf8_lossy(&unescape_copy_field(f)).into_owned())
                     })
                     .collect();
+                let (row, exact) = backfill_row(&columns, &fields);
                 let doc = ChangeDocument {
                     op: Op::Read,
-                    columns: backfill_row(&columns, &fields),
+                    columns: row,
                     source: Source {
                         oid: table.oid,
                         schema: table.schema.clone(),
@@ -173,6 +174,7 @@ pub async fn copy_tables(
                     },
                     before: None,
                     unchanged: Vec::new(),
+                    exact,
                 };
                 seq += 1;
                 events.push(CaptureEvent::Change(doc)).await?;

@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use crate::decode::TypeRegistry;
 use crate::decode::pgoutput::{Message, OldKind, TupleValue};
-use crate::decode::value::to_json;
-use crate::document::{ChangeDocument, Op, Row, Source};
+use crate::decode::value::to_json_exact;
+use crate::document::{ChangeDocument, ExactJson, Op, Row, Source};
 use crate::lsn::Lsn;
 use crate::relation::{ColumnInfo, Relation};
 
@@ -183,7 +183,7 @@ impl ChangeBuilder {
             }
             Message::Insert { relation, new } => {
                 let rel = self.relation(relation)?;
-                let (columns, unchanged) = row(&rel, &new, false)?;
+                let (columns, unchanged, exact) = row(&rel, &new, false, false)?;
                 Ok(Decoded::Documents(vec![doc(
                     &rel,
                     txn,
@@ -191,13 +191,18 @@ impl ChangeBuilder {
                     columns,
                     None,
                     unchanged,
+                    exact,
                 )]))
             }
             Message::Update { relation, old, new } => {
                 let rel = self.relation(relation)?;
-                let (columns, unchanged) = row(&rel, &new, false)?;
+                let (columns, unchanged, mut exact) = row(&rel, &new, false, false)?;
                 let before = match old {
-                    Some((kind, old)) => Some(row(&rel, &old, kind == OldKind::Key)?.0),
+                    Some((kind, old)) => {
+                        let (before, _, old_exact) = row(&rel, &old, kind == OldKind::Key, true)?;
+                        exact.extend(old_exact);
+                        Some(before)
+                    }
                     None => None,
                 };
                 Ok(Decoded::Documents(vec![doc(
@@ -207,6 +212,7 @@ impl ChangeBuilder {
                     columns,
                     before,
                     unchanged,
+                    exact,
                 )]))
             }
             Message::Delete {
@@ -214,7 +220,7 @@ impl ChangeBuilder {
                 old: (kind, old),
             } => {
                 let rel = self.relation(relation)?;
-                let (columns, unchanged) = row(&rel, &old, kind == OldKind::Key)?;
+                let (columns, unchanged, exact) = row(&rel, &old, kind == OldKind::Key, false)?;
                 Ok(Decoded::Documents(vec![doc(
                     &rel,
                     txn,
@@ -222,6 +228,7 @@ impl ChangeBuilder {
                     columns,
                     None,
                     unchanged,
+                    exact,
                 )]))
             }
             Message::Truncate { relations, .. } => {
@@ -231,7 +238,15 @@ impl ChangeBuilder {
                         continue;
                     }
                     let rel = self.relation(id)?;
-                    docs.push(doc(&rel, txn, Op::Truncate, Vec::new(), None, Vec::new()));
+                    docs.push(doc(
+                        &rel,
+                        txn,
+                        Op::Truncate,
+                        Vec::new(),
+                        None,
+                        Vec::new(),
+                        Vec::new(),
+                    ));
                 }
                 Ok(Decoded::Documents(docs))
             }
@@ -258,6 +273,7 @@ fn doc(
     columns: Row,
     before: Option<Row>,
     unchanged: Vec<Arc<str>>,
+    exact: Vec<ExactJson>,
 ) -> ChangeDocument {
     let seq = txn.seq;
     txn.seq += 1;
@@ -276,15 +292,19 @@ fn doc(
         },
         before,
         unchanged,
+        exact,
     }
 }
 
-/// Converts a tuple; with `key_only`, only replica identity columns are kept.
+/// The columns of a tuple, those whose unchanged TOAST value was not sent, and the exact
+/// text of json values (of the old row: `before`); with `key_only`, only replica
+/// identity columns are kept.
 fn row(
     rel: &Relation,
     values: &[TupleValue<'_>],
     key_only: bool,
-) -> Result<(Row, Vec<Arc<str>>), String> {
+    before: bool,
+) -> Result<(Row, Vec<Arc<str>>, Vec<ExactJson>), String> {
     if values.len() != rel.columns.len() {
         return Err(format!(
             "row of {}.{} has {} values but the table has {} columns",
@@ -296,6 +316,7 @@ fn row(
     }
     let mut out = Vec::with_capacity(values.len());
     let mut unchanged = Vec::new();
+    let mut exact = Vec::new();
     for (col, value) in rel.columns.iter().zip(values) {
         if key_only && !col.key {
             continue;
@@ -306,7 +327,17 @@ fn row(
                 unchanged.push(col.name.clone());
                 continue;
             }
-            TupleValue::Text(bytes) => to_json(&col.kind, &String::from_utf8_lossy(bytes)),
+            TupleValue::Text(bytes) => {
+                let (json, text) = to_json_exact(&col.kind, &String::from_utf8_lossy(bytes));
+                if let Some(text) = text {
+                    exact.push(ExactJson {
+                        before,
+                        column: col.name.clone(),
+                        text,
+                    });
+                }
+                json
+            }
             TupleValue::Binary(bytes) => {
                 use base64::Engine as _;
                 Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -314,22 +345,35 @@ fn row(
         };
         out.push((col.name.clone(), json));
     }
-    Ok((out, unchanged))
+    Ok((out, unchanged, exact))
 }
 
-/// Builds a backfill row from COPY fields already unescaped (`None` is NULL).
-pub fn backfill_row(columns: &[ColumnInfo], fields: &[Option<String>]) -> Row {
-    columns
+/// Builds a backfill row from COPY fields already unescaped (`None` is NULL), and the
+/// exact text of its json values that need one.
+pub fn backfill_row(columns: &[ColumnInfo], fields: &[Option<String>]) -> (Row, Vec<ExactJson>) {
+    let mut exact = Vec::new();
+    let row = columns
         .iter()
         .zip(fields)
         .map(|(c, f)| {
             let v = match f {
                 None => Value::Null,
-                Some(text) => to_json(&c.kind, text),
+                Some(text) => {
+                    let (v, text) = to_json_exact(&c.kind, text);
+                    if let Some(text) = text {
+                        exact.push(ExactJson {
+                            before: false,
+                            column: c.name.clone(),
+                            text,
+                        });
+                    }
+                    v
+                }
             };
             (c.name.clone(), v)
         })
-        .collect()
+        .collect();
+    (row, exact)
 }
 
 #[cfg(test)]

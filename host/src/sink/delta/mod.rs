@@ -896,22 +896,30 @@ impl DeltaSink {
             if json.is_empty() {
                 continue;
             }
-            let as_text = |row: &crate::document::Row| -> crate::document::Row {
+            // A value whose numbers its parsed form does not hold exactly: its exact text.
+            let as_text = |d: &ChangeDocument, row: &crate::document::Row, before: bool| {
                 row.iter()
                     .map(|(name, v)| match json.iter().find(|(n, _)| **n == **name) {
-                        Some((_, kind)) => (name.clone(), schema::json_as_text(kind, v)),
+                        Some((_, kind)) => {
+                            let text = match d.exact_text(before, name) {
+                                Some(exact) => Value::String(exact.to_string()),
+                                None => schema::json_as_text(kind, v),
+                            };
+                            (name.clone(), text)
+                        }
                         None => (name.clone(), v.clone()),
                     })
-                    .collect()
+                    .collect::<crate::document::Row>()
             };
             let copies = docs
                 .iter()
                 .map(|d| ChangeDocument {
                     op: d.op,
-                    columns: as_text(&d.columns),
+                    columns: as_text(d, &d.columns, false),
                     source: d.source.clone(),
-                    before: d.before.as_ref().map(as_text),
+                    before: d.before.as_ref().map(|b| as_text(d, b, true)),
                     unchanged: d.unchanged.clone(),
+                    exact: Vec::new(),
                 })
                 .collect();
             texts.insert(*oid, copies);

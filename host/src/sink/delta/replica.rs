@@ -558,6 +558,7 @@ mod tests {
             },
             before: None,
             unchanged: Vec::new(),
+            exact: Vec::new(),
         }
     }
 
