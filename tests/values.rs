@@ -440,8 +440,9 @@ fn compact(text: &str) -> String {
 }
 
 /// json/jsonb numbers keep their exact digits (more than an f64 holds, trailing zeros,
-/// beyond an f64's range), in the backfill and the stream, in a keyed replica and in a
-/// multiset one (REPLICA IDENTITY FULL, where the old row's values find the row).
+/// beyond an f64's range) and a JSON `null` is not an SQL NULL, in the backfill and the
+/// stream, in a keyed replica and in a multiset one (REPLICA IDENTITY FULL, where the old
+/// row's values find the row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_numbers_keep_their_exact_digits() {
     let db = TestDb::new("jsondigits");
@@ -450,11 +451,12 @@ async fn json_numbers_keep_their_exact_digits() {
             r#"INSERT INTO j VALUES
                  ({first}, '{{"amount": 12345678901234567890.123456789, "n": 1}}', '{{"x": 1.10, "x": 2}}'),
                  ({}, '[1.50, 2.0, 0.1, 1e400]', '123456789012345678901234567890'),
-                 ({}, '{{"a": [1, 2], "s": "1.50"}}', '-0');
+                 ({}, '{{"a": [1, 2], "s": "1.50"}}', '-0'), ({}, 'null', NULL);
                INSERT INTO f VALUES ('{{"v": 0.30000000000000000001}}'), ('{{"v": 0.30000000000000000001}}'),
                  ('{{"v": 0.3}}');"#,
             first + 1,
             first + 2,
+            first + 3,
         )
     };
     db.sql(&format!(
@@ -487,7 +489,12 @@ async fn json_numbers_keep_their_exact_digits() {
         "SELECT CAST(id AS VARCHAR) AS k, b, t FROM j ORDER BY id",
     )
     .await;
-    assert_eq!(pg.len(), 6, "{pg:?}");
+    assert_eq!(pg.len(), 8, "{pg:?}");
+    assert_eq!(
+        (&*pg[3][1], &*pg[3][2]),
+        ("null", "NULL"),
+        "a JSON null, an SQL NULL"
+    );
     let pg: Vec<Vec<String>> = pg
         .iter()
         .map(|r| r.iter().map(|v| compact(v)).collect())

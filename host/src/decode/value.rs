@@ -228,7 +228,8 @@ pub fn to_json(kind: &TypeKind, text: &str) -> Value {
 
 /// [`to_json`], and for a json or jsonb value whose parsed form does not keep every
 /// number digit for digit (`12345678901234567890.5`, `1.50`, `1e400`, which an `f64`
-/// cannot hold as written) its exact JSON text, without the spaces between tokens. The
+/// cannot hold as written) or that is a JSON `null` (not SQL NULL), its exact JSON text,
+/// without the spaces between tokens. The
 /// document serializes and the lake stores that text in place of the parsed value.
 pub fn to_json_exact(kind: &TypeKind, text: &str) -> (Value, Option<Box<str>>) {
     let value = to_json(kind, text);
@@ -238,7 +239,10 @@ pub fn to_json_exact(kind: &TypeKind, text: &str) -> (Value, Option<Box<str>>) {
     // A string is what a text that does not parse becomes (`1e400`); a JSON string is
     // quoted in the text.
     let parsed = !matches!(&value, Value::String(s) if !text.trim_start().starts_with('"'));
-    let exact = if parsed && numbers_kept(text, &value) {
+    // A JSON `null` is not SQL NULL: its text says which it is.
+    let exact = if value.is_null() {
+        Some("null".into())
+    } else if parsed && numbers_kept(text, &value) {
         None
     } else {
         Some(compact_json(text).into_boxed_str())
@@ -520,10 +524,7 @@ mod tests {
     fn json_numbers_an_f64_cannot_hold_keep_their_exact_text() {
         let jsonb = TypeKind::Json;
         let exact = |text: &str| to_json_exact(&jsonb, text).1.map(String::from);
-        assert_eq!(
-            exact(r#"{"a": 1, "b": [0.1, -2, 2.5], "c": "1.50"}"#),
-            None
-        );
+        assert_eq!(exact(r#"{"a": 1, "b": [0.1, -2, 2.5], "c": "1.50"}"#), None);
         assert_eq!(
             exact("12345678901234567890123"),
             Some("12345678901234567890123".into())
@@ -541,6 +542,10 @@ mod tests {
         // Escaped quotes inside strings do not end them.
         assert_eq!(exact(r#"{"k\"1": "v\" 2", "n": 3}"#), None);
         assert_eq!(to_json_exact(&TypeKind::Numeric, "1.50").1, None);
+        assert_eq!(
+            to_json_exact(&jsonb, "null"),
+            (json!(null), Some("null".into()))
+        );
     }
 
     #[test]
