@@ -296,6 +296,9 @@ fn doc(
     }
 }
 
+/// A tuple's columns, the names of those not sent (unchanged TOAST), the exact json texts.
+type Converted = (Row, Vec<Arc<str>>, Vec<ExactJson>);
+
 /// The columns of a tuple, those whose unchanged TOAST value was not sent, and the exact
 /// text of json values (of the old row: `before`); with `key_only`, only replica
 /// identity columns are kept.
@@ -304,7 +307,7 @@ fn row(
     values: &[TupleValue<'_>],
     key_only: bool,
     before: bool,
-) -> Result<(Row, Vec<Arc<str>>, Vec<ExactJson>), String> {
+) -> Result<Converted, String> {
     if values.len() != rel.columns.len() {
         return Err(format!(
             "row of {}.{} has {} values but the table has {} columns",
