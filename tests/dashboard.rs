@@ -218,6 +218,8 @@ async fn the_dashboard_shows_each_users_flagged_transactions_in_red() {
     weir::datagen::run(&client, &settings, std::future::pending())
         .await
         .unwrap();
+    // Statistics, for the backfill's estimate.
+    db.sql("ANALYZE users; ANALYZE transactions");
 
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
@@ -357,6 +359,13 @@ async fn the_dashboard_shows_each_users_flagged_transactions_in_red() {
         copies
             .iter()
             .all(|b| b["done"] == true && b["rows"].as_u64().unwrap() > 0),
+        "{p}"
+    );
+    // PostgreSQL's estimate of each table's rows (its statistics are fresh: exact).
+    assert!(
+        copies
+            .iter()
+            .all(|b| b["estimated_rows"].as_u64().unwrap() == b["rows"].as_u64().unwrap()),
         "{p}"
     );
     let tables: Vec<&str> = p["tables"]

@@ -209,22 +209,32 @@ async fn widened_column_types_evolve_the_lake_and_a_narrowing_stops_with_the_fix
     assert_eq!(types[0][1], "Decimal128(14, 2)");
     assert_eq!(types[0][2], "Float64");
     assert!(types[0][3].starts_with("Utf8"), "{:?}", types[0]);
-    // Every change in the change log once, the old rows widened too.
+    // Every change in the change log once, the old rows widened too. `ALTER COLUMN n TYPE
+    // bigint` rewrote the table (as an `USING` expression would, with other values): it
+    // was copied again, after the first copy and the changes streamed.
     assert_eq!(
         lake_rows(
             &lake,
-            "SELECT _op, CAST(n AS VARCHAR) AS n FROM w_changes ORDER BY _lsn, _seq"
+            "SELECT _op, CAST(n AS VARCHAR) AS n FROM w_changes ORDER BY _lsn, _snapshot, n"
         )
         .await,
-        [["r", "7"], ["r", "NULL"], ["c", "5000000000"], ["u", "8"]]
-            .map(|r| r.map(String::from).to_vec())
+        [
+            ["r", "7"],
+            ["r", "NULL"],
+            ["c", "5000000000"],
+            ["u", "8"],
+            ["r", "5000000000"],
+            ["r", "8"],
+            ["r", "NULL"]
+        ]
+        .map(|r| r.map(String::from).to_vec())
     );
 
     // A narrowing cannot be applied: a stop, with the fix, and nothing acknowledged.
     db.sql("ALTER TABLE w ALTER COLUMN r TYPE real; INSERT INTO w VALUES (4, 1, 1, 'x', 1, 1);");
     let acked = db.confirmed_flush("weir");
     let (_stop, rx) = tokio::sync::watch::channel(false);
-    let err = weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx)
+    let err = weir::pipeline::run_with_retries(&cfg, weir::pipeline::RunOptions::default(), rx)
         .await
         .unwrap_err()
         .to_string();
@@ -236,6 +246,110 @@ async fn widened_column_types_evolve_the_lake_and_a_narrowing_stops_with_the_fix
         db.confirmed_flush("weir"),
         acked,
         "nothing was acknowledged"
+    );
+}
+
+/// Table rewrites whose new values PostgreSQL does not stream (a column added with a
+/// volatile default or as a `serial`, `ALTER COLUMN ... TYPE ... USING`) make weir copy
+/// that table again, alone: its replica equals the source, its change log keeps every
+/// streamed change once; rewrites that change no value (`VACUUM FULL`) and a constant
+/// default copy nothing; the other table is never copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_tables_are_copied_again_and_nothing_else_is() {
+    let db = TestDb::new("rewrite");
+    db.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v int, note text); \
+         CREATE TABLE o (id int PRIMARY KEY, v int); \
+         INSERT INTO t VALUES (1, 10, 'a'), (2, 20, NULL), (3, 30, 'c'); INSERT INTO o VALUES (1, 1);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let cfg = config(&db, &["t", "o"], &lake);
+    run_until_now(&db, &cfg).await;
+    let pg = "SELECT id::text, v::text, note, u::text, s::text, k::text FROM t ORDER BY t.id";
+    let delta = "SELECT CAST(id AS VARCHAR) AS i, CAST(v AS VARCHAR) AS v, note, u, \
+                 CAST(s AS VARCHAR) AS s, CAST(k AS VARCHAR) AS k FROM t ORDER BY id";
+    let snapshots = |table: &'static str| {
+        let lake = lake.clone();
+        async move {
+            lake_rows(
+                &lake,
+                &format!("SELECT count(DISTINCT _lsn) FROM {table}_changes WHERE _snapshot"),
+            )
+            .await[0][0]
+                .clone()
+        }
+    };
+
+    // Every older row gets a value of its own, none in the stream.
+    db.sql(
+        "ALTER TABLE t ADD COLUMN u uuid DEFAULT gen_random_uuid(), ADD COLUMN s serial, \
+           ADD COLUMN k int DEFAULT 7; \
+         INSERT INTO t (id, v) VALUES (4, 40); UPDATE o SET v = 2;",
+    );
+    run_until_now(&db, &cfg).await;
+    assert_query_equal(
+        &db,
+        &lake,
+        pg,
+        delta,
+        "t after ADD COLUMN with volatile defaults",
+    )
+    .await;
+    assert_eq!(snapshots("t").await, "2", "t copied again once");
+
+    // Values rewritten by an expression, in the same transaction as a change.
+    db.sql("ALTER TABLE t ALTER COLUMN v TYPE bigint USING v * 100; UPDATE t SET note = 'x' WHERE id = 1;");
+    db.sql("UPDATE t SET note = 'y' WHERE id = 2; DELETE FROM t WHERE id = 3;");
+    run_until_now(&db, &cfg).await;
+    assert_query_equal(&db, &lake, pg, delta, "t after ALTER COLUMN TYPE USING").await;
+    assert_eq!(snapshots("t").await, "3", "t copied again once more");
+
+    // No value changes: nothing is copied.
+    db.sql("VACUUM FULL t");
+    db.sql("INSERT INTO t (id, v) VALUES (5, 50); TRUNCATE o; INSERT INTO o VALUES (9, 9);");
+    run_until_now(&db, &cfg).await;
+    assert_query_equal(&db, &lake, pg, delta, "t after VACUUM FULL").await;
+    assert_eq!(snapshots("t").await, "3", "VACUUM FULL copies nothing");
+    db.sql("ALTER TABLE t ADD COLUMN c int DEFAULT 5; INSERT INTO t (id, v) VALUES (6, 60);");
+    run_until_now(&db, &cfg).await;
+    assert_query_equal(&db, &lake, pg, delta, "t after ADD COLUMN DEFAULT 5").await;
+    assert_eq!(
+        snapshots("t").await,
+        "3",
+        "a constant default copies nothing"
+    );
+    assert_eq!(
+        lake_rows(&lake, "SELECT CAST(c AS VARCHAR) AS c FROM t ORDER BY id").await,
+        vec![vec!["5"]; 5],
+        "a constant default fills the older rows"
+    );
+    assert_eq!(snapshots("o").await, "1", "o was never copied again");
+    assert_query_equal(
+        &db,
+        &lake,
+        "SELECT id::text, v::text FROM o ORDER BY o.id",
+        "SELECT CAST(id AS VARCHAR) AS i, CAST(v AS VARCHAR) AS v FROM o ORDER BY id",
+        "o",
+    )
+    .await;
+    // Every streamed change of t once, in order.
+    assert_eq!(
+        lake_rows(
+            &lake,
+            "SELECT _op, CAST(id AS VARCHAR) AS id FROM t_changes WHERE NOT _snapshot \
+             ORDER BY _lsn, _seq"
+        )
+        .await,
+        [
+            ["c", "4"],
+            ["u", "1"],
+            ["u", "2"],
+            ["d", "3"],
+            ["c", "5"],
+            ["c", "6"]
+        ]
+        .map(|r| r.map(String::from).to_vec())
     );
 }
 

@@ -150,6 +150,11 @@ pub struct Relation {
     /// Rows are identified by all their values (`REPLICA IDENTITY FULL` without a key;
     /// no column is then a key column): the replica holds the table as a multiset.
     pub multiset: bool,
+    /// Where the table's rows are stored (the sum of its partitions' `relfilenode`s), when
+    /// the catalog was read for a shape equal to this one: a table rewrite (`ALTER
+    /// COLUMN ... TYPE`, `ADD COLUMN ... DEFAULT` of a volatile expression, `VACUUM FULL`)
+    /// changes it, and sends none of the rows it rewrote down the stream.
+    pub storage: Option<i64>,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::arrow::util::display::array_value_to_string;
 use weir::Lsn;
 use weir::config::{Config, LakeConfig};
-use weir::pipeline::{RunOptions, RunStats, run};
+use weir::pipeline::{RunOptions, RunStats, run_with_retries};
 use weir::query::LakeQuery;
 use weir::sink::delta::Lake;
 
@@ -34,13 +34,14 @@ pub fn now_lsn(db: &TestDb) -> Lsn {
         .unwrap()
 }
 
-/// Runs the pipeline until everything committed so far is in the lake.
+/// Runs the pipeline until everything committed so far is in the lake, as `weir run` does
+/// (started again after a transient failure, or to copy a rewritten table again).
 pub async fn run_until_now(db: &TestDb, cfg: &Config) -> RunStats {
     let until = now_lsn(db);
     let (_stop, rx) = tokio::sync::watch::channel(false);
     tokio::time::timeout(
         Duration::from_secs(120),
-        run(
+        run_with_retries(
             cfg,
             RunOptions {
                 stop_at: Some(until),

@@ -649,6 +649,7 @@ pub async fn run(
             resume,
             stop_at: opts.stop_at,
             recorded: sink.highest_position_in_lake().await?,
+            backfill_streamed: sink.copied_again(&added),
             backfill_tables: added,
             idle_interval: opts
                 .idle_interval

@@ -35,6 +35,12 @@ pub async fn run_with_retries(
                 total.position = stats.position.or(total.position);
                 return Ok(total);
             }
+            // A table PostgreSQL rewrote is copied again by the next run, at once.
+            Err(PipelineError::Sink(e @ crate::sink::delta::DeltaError::Rewritten { .. }))
+                if !*stop.borrow() =>
+            {
+                tracing::warn!(error = %e, "copying a rewritten table again");
+            }
             Err(e) if is_transient(&e, &opts) && !*stop.borrow() => {
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = FIRST_BACKOFF;

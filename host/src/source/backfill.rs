@@ -81,10 +81,11 @@ pub async fn copy_tables(
         let columns = table_columns(client, table, types).await?;
         let estimate = client
             .query_one(
-                // A partitioned table's rows are in its partitions.
-                "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 \
-                 FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid \
-                 WHERE t.isleaf",
+                // A partitioned table's rows are in its partitions (pg_partition_tree
+                // lists nothing for a table that is not partitioned).
+                "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_class c \
+                 WHERE c.oid = $1 \
+                    OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf)",
                 &[&table.oid],
             )
             .await
@@ -96,6 +97,8 @@ pub async fn copy_tables(
                 estimated_rows: estimate.get::<_, i64>(0) as u64,
             })
             .await?;
+        // As of the snapshot, like the rows.
+        let storage = super::setup::storage_of(client, table.oid).await?;
         events
             .push(CaptureEvent::Schema(Arc::new(Relation {
                 oid: table.oid,
@@ -103,6 +106,7 @@ pub async fn copy_tables(
                 table: table.name.clone(),
                 columns: columns.clone(),
                 multiset: table.multiset(),
+                storage: Some(storage),
             })))
             .await?;
         if columns.is_empty() {

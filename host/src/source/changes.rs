@@ -170,6 +170,7 @@ impl ChangeBuilder {
                     table: name.into(),
                     columns,
                     multiset,
+                    storage: None,
                 });
                 self.relations.insert(id, rel.clone());
                 Ok(Decoded::Schema(rel))

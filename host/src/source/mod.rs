@@ -70,6 +70,11 @@ pub struct CaptureOptions {
     /// ([`CaptureEvent::TablesBackfilled`]) once the stream reaches that snapshot, the
     /// other tables' changes before it delivered first and none of theirs.
     pub backfill_tables: Vec<u32>,
+    /// Of [`CaptureOptions::backfill_tables`], those copied again (the consumer holds
+    /// them from before: rewritten by PostgreSQL, or configured again): their changes
+    /// before the copy are delivered too (for their change logs; the copy supersedes
+    /// them in the replica).
+    pub backfill_streamed: Vec<u32>,
 }
 
 impl Default for CaptureOptions {
@@ -82,6 +87,7 @@ impl Default for CaptureOptions {
             recorded: None,
             idle_interval: Duration::from_secs(30),
             backfill_tables: Vec::new(),
+            backfill_streamed: Vec::new(),
         }
     }
 }
@@ -358,6 +364,7 @@ impl Capture {
                     reconnect,
                     settings: settings.clone(),
                     floor,
+                    streamed: opts.backfill_streamed.clone(),
                 })
             }
             _ => None,
@@ -558,6 +565,8 @@ struct Adding {
     settings: ConnectionSettings,
     /// What the consumer held at the start: the lowest position to report as applied.
     floor: Lsn,
+    /// Tables whose changes before the copy are delivered all the same.
+    streamed: Vec<u32>,
 }
 
 /// What the backfill needs: the exported snapshot and what was read about the tables.
@@ -739,6 +748,7 @@ impl Worker {
             mut reconnect,
             settings,
             floor,
+            streamed,
         } = adding;
         let result = async {
             repl.wait_started()
@@ -748,7 +758,11 @@ impl Worker {
             // A stop before the snapshot's point moves to it: the copy cannot be older.
             let wanted = self.stop_at;
             self.stop_at = Some(point);
-            self.held_back = tables.iter().map(|t| t.oid).collect();
+            self.held_back = tables
+                .iter()
+                .map(|t| t.oid)
+                .filter(|oid| !streamed.contains(oid))
+                .collect();
             self.reached_stop = false;
             let streamed = self.stream(repl, low_water).await;
             self.stop_at = wanted.map(|w| w.max(point));
@@ -840,6 +854,20 @@ impl Worker {
                     .as_deref()
                     .map(|text| decode::value::to_json(&c.kind, text));
             }
+        }
+        // Where the rows are stored, when the catalog has the shape of the message (it
+        // is read now: a later change of the table would pair the later storage with
+        // this older shape).
+        let current = described.columns.len() == found.len()
+            && described.columns.iter().all(|c| {
+                found.iter().any(|f| {
+                    *f.name == *c.name
+                        && f.type_id == c.type_id
+                        && f.type_modifier == c.type_modifier
+                })
+            });
+        if current {
+            described.storage = Some(setup::storage_of(client, rel.oid).await?);
         }
         Ok(Arc::new(described))
     }

@@ -153,15 +153,32 @@ pub async fn type_descriptions(
 pub struct CatalogColumn {
     pub name: String,
     pub type_id: u32,
+    pub type_modifier: i32,
     pub attnum: i16,
     pub missing: Option<String>,
+}
+
+/// Where table `oid`'s rows are stored now: the sum of its leaf partitions'
+/// `relfilenode`s (the table's own when not partitioned). A rewrite changes it.
+pub async fn storage_of(client: &Client, oid: u32) -> Result<i64, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(c.relfilenode::int8), 0)::int8 FROM pg_class c \
+             WHERE c.oid = $1 \
+                OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf)",
+            &[&oid],
+        )
+        .await
+        .map_err(query_err("reading where a table's rows are stored"))?;
+    Ok(row.get(0))
 }
 
 /// The live columns of table `oid`, from the catalog.
 pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>, SourceError> {
     const SQL: &str = "SELECT attname::text, attnum, atttypid, \
-           CASE WHEN atthasmissing THEN (attmissingval::text::text[])[1] END \
-         FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped";
+           CASE WHEN atthasmissing THEN (attmissingval::text::text[])[1] END, atttypmod \
+         FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
+         AND attgenerated = ''";
     let rows = match client.query(SQL, &[&oid]).await {
         Ok(rows) => rows,
         // A role that may not read attmissingval still learns the numbers.
@@ -173,8 +190,9 @@ pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogCol
             );
             client
                 .query(
-                    "SELECT attname::text, attnum, atttypid, NULL::text FROM pg_attribute \
-                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                    "SELECT attname::text, attnum, atttypid, NULL::text, atttypmod \
+                     FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
+         AND attgenerated = ''",
                     &[&oid],
                 )
                 .await
@@ -189,6 +207,7 @@ pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogCol
             attnum: r.get(1),
             type_id: r.get(2),
             missing: r.get(3),
+            type_modifier: r.get(4),
         })
         .collect())
 }

@@ -345,7 +345,17 @@ impl Plugin for FraudRule {
             .get_i64("transaction_id")
             .ok_or("transaction has no `transaction_id`")?;
         match doc.op() {
-            Some(Op::Insert | Op::Read) => Ok(self.record(doc, tx)?.into_iter().collect()),
+            Some(Op::Insert) => Ok(self.record(doc, tx)?.into_iter().collect()),
+            Some(Op::Read) => {
+                // A table copied again (rewritten by PostgreSQL, or configured again):
+                // a transaction already recorded is replaced, not counted twice.
+                if !self.config.before_images
+                    && let Some(old) = state::get_json::<Seen>(&tx_key(tx))
+                {
+                    adjust(old.user_id, -1, -old.amount);
+                }
+                Ok(self.record(doc, tx)?.into_iter().collect())
+            }
             Some(Op::Update) => {
                 if let Some(old) = self.old(doc, tx)? {
                     adjust(old.user_id, -1, -old.amount);

@@ -119,6 +119,17 @@ pub enum DeltaError {
         /// The library's message.
         detail: String,
     },
+    /// PostgreSQL rewrote a table's rows without sending them: it is to be copied again.
+    #[error(
+        "table `{table}`: {reason}. It is copied again: the pipeline starts again from what \
+         the lake holds and backfills that table alone"
+    )]
+    Rewritten {
+        /// `schema.table`.
+        table: String,
+        /// What happened.
+        reason: String,
+    },
     /// An operation needs a table that does not exist.
     #[error("Delta table `{table}` does not exist")]
     Missing {
@@ -182,6 +193,9 @@ impl DeltaError {
     /// connection, a timeout). Not a missing table, refused credentials or a schema
     /// clash: those stop the pipeline.
     pub fn is_transient(&self) -> bool {
+        if matches!(self, DeltaError::Rewritten { .. }) {
+            return true;
+        }
         let DeltaError::Table { source, .. } = self else {
             return false;
         };
@@ -359,6 +373,9 @@ struct SourceTable {
     replica: LakeTable,
     changes: Option<LakeTable>,
     delete: DeleteMode,
+    /// Being copied (between [`DeltaSink::begin_backfill`] and [`DeltaSink::complete`]):
+    /// its shape is the copy's.
+    copying: bool,
 }
 
 /// Work done so far, for benchmarks and the status line.
@@ -453,6 +470,7 @@ impl DeltaSink {
                     replica,
                     changes,
                     delete: per.delete.unwrap_or(cfg.delete),
+                    copying: false,
                 },
             );
         }
@@ -781,6 +799,21 @@ impl DeltaSink {
         }
     }
 
+    /// Of `tables` (from [`DeltaSink::resume`]), those the lake holds from before (a
+    /// replica with a position): copied again, their changes before the copy still
+    /// wanted by their change logs.
+    pub fn copied_again(&self, tables: &[u32]) -> Vec<u32> {
+        tables
+            .iter()
+            .copied()
+            .filter(|oid| {
+                self.tables
+                    .get(oid)
+                    .is_some_and(|t| t.replica.version.is_some())
+            })
+            .collect()
+    }
+
     /// Each table and the position it holds (`None`: nothing yet).
     pub fn positions(&self) -> Vec<(String, Option<Lsn>)> {
         let mut v: Vec<_> = self
@@ -835,13 +868,19 @@ impl DeltaSink {
         let mut source = None;
         if let Some(t) = self.tables.get_mut(&oid) {
             source = Some(t.display.clone());
+            t.copying = true;
             if t.replica.exists() {
                 tracing::info!(table = %t.replica.name, "emptying the replica for a new backfill");
                 t.replica.delete_all(None).await?;
             }
+            // The rows of an unfinished copy (past the log's position); an earlier copy's,
+            // complete, stay as history.
             if let Some(c) = t.changes.as_mut().filter(|c| c.exists()) {
-                c.delete_where(Some(&format!("{SNAPSHOT} = true")), None)
-                    .await?;
+                let predicate = match c.version {
+                    Some(v) => format!("{SNAPSHOT} = true AND {LSN} > {}", v.0 as i64),
+                    None => format!("{SNAPSHOT} = true"),
+                };
+                c.delete_where(Some(&predicate), None).await?;
             }
         }
         // Likewise the dead letters of an earlier backfill of this table.
@@ -931,6 +970,31 @@ impl DeltaSink {
                 None => (oid, docs),
             })
             .collect();
+        // A table that PostgreSQL rewrote without sending the rows is copied again: marked
+        // (so that the copy happens also after a crash), then the run starts again (see
+        // `pipeline::run_with_retries`), before anything of this batch is acknowledged.
+        for (key, t) in self.tables.iter_mut() {
+            // (Marked already: copied again soon; its changes until then go to its
+            // change log, and the copy supersedes them in the replica.)
+            if t.copying || t.replica.detached() || !by_table.contains_key(key) {
+                continue;
+            }
+            let Some(reason) = t
+                .relation
+                .as_deref()
+                .and_then(|rel| reshape::rewritten(&t.replica, rel))
+            else {
+                continue;
+            };
+            t.replica
+                .set_property(DETACHED_PROPERTY, reason.clone())
+                .await?;
+            self.stats.commits += 1;
+            return Err(DeltaError::Rewritten {
+                table: t.display.clone(),
+                reason,
+            });
+        }
         // Every Delta table is independent: write them all at once.
         let mut writes = Vec::new();
         for (key, t) in self.tables.iter_mut() {
@@ -1016,6 +1080,10 @@ impl DeltaSink {
             if let (Some(c), Some(f)) = (t.changes.as_mut(), &log_fields) {
                 c.ensure_fields(f).await?;
             }
+            if let Some(rel) = &rel {
+                reshape::record_shape(&mut t.replica, rel).await?;
+            }
+            t.copying = false;
             for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
                 if lt.exists() && lt.version.is_none_or(|v| v < position) {
                     lt.commit_position(position).await?;
@@ -1163,6 +1231,7 @@ async fn write_replica(
     position: Option<Lsn>,
 ) -> Result<(), DeltaError> {
     reshape::follow(lt, rel, &replica_fields(rel, delete)).await?;
+    reshape::record_shape(lt, rel).await?;
     let target = lt.arrow_schema().ok_or_else(|| DeltaError::Missing {
         table: lt.name.clone(),
     })?;

@@ -530,6 +530,7 @@ mod tests {
                 col("amount", 1700, (12 << 16 | 2) + 4, TypeKind::Numeric, false),
             ],
             multiset: false,
+            storage: None,
         }
     }
 

@@ -26,6 +26,80 @@ pub const COLUMNS_PROPERTY: &str = "weir.columns";
 
 type Numbers = BTreeMap<i16, String>;
 
+/// Table property: where the source table's rows were stored and its columns' types
+/// (see [`rewritten`]).
+pub const SHAPE_PROPERTY: &str = "weir.shape";
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Shape {
+    storage: i64,
+    /// Column number: type OID and modifier.
+    types: BTreeMap<i16, (u32, i32)>,
+}
+
+fn shape(rel: &Relation) -> Option<Shape> {
+    Some(Shape {
+        storage: rel.storage?,
+        types: rel
+            .columns
+            .iter()
+            .filter_map(|c| Some((c.attnum?, (c.type_id, c.type_modifier))))
+            .collect(),
+    })
+}
+
+fn recorded_shape(lt: &LakeTable) -> Option<Shape> {
+    serde_json::from_str(&lt.property(SHAPE_PROPERTY)?).ok()
+}
+
+/// Whether PostgreSQL rewrote the table's rows with values the stream did not carry
+/// since the replica last recorded its shape: its storage changed (a table rewrite) along
+/// with a column's type (`ALTER COLUMN ... TYPE ... USING`, whose values may be anything)
+/// or with columns added (`ADD COLUMN ... DEFAULT` of a volatile expression such as
+/// `gen_random_uuid()` or a `serial`, which gives every older row its own value). Returns
+/// what happened, naming the columns. A rewrite that keeps the shape (`VACUUM FULL`,
+/// `CLUSTER`, a `TRUNCATE`, pg_repack) changes no value; one that keeps each column's
+/// type (`ALTER COLUMN a TYPE int USING a + 1` on an int) cannot be told from those.
+pub fn rewritten(lt: &LakeTable, rel: &Relation) -> Option<String> {
+    let now = shape(rel)?;
+    let before = recorded_shape(lt)?;
+    if before.storage == now.storage {
+        return None;
+    }
+    let changed: Vec<String> = rel
+        .columns
+        .iter()
+        .filter(|c| {
+            c.attnum
+                .is_some_and(|n| before.types.get(&n) != Some(&(c.type_id, c.type_modifier)))
+        })
+        .map(|c| c.name.to_string())
+        .collect();
+    (!changed.is_empty()).then(|| {
+        format!(
+            "PostgreSQL rewrote the table with new or retyped columns {changed:?} (ALTER COLUMN \
+             ... TYPE, or ADD COLUMN with a volatile default): the rows it rewrote are not in \
+             the stream"
+        )
+    })
+}
+
+/// Records the table's shape (see [`rewritten`]) when it is known and differs from the
+/// recorded one.
+pub async fn record_shape(lt: &mut LakeTable, rel: &Relation) -> Result<(), DeltaError> {
+    let Some(now) = shape(rel) else {
+        return Ok(());
+    };
+    if !lt.exists() || recorded_shape(lt).as_ref() == Some(&now) {
+        return Ok(());
+    }
+    lt.set_property(
+        SHAPE_PROPERTY,
+        serde_json::to_string(&now).expect("a shape"),
+    )
+    .await
+}
+
 fn numbers(rel: &Relation) -> Numbers {
     rel.columns
         .iter()
