@@ -1221,6 +1221,81 @@ async fn a_table_left_out_and_configured_again_is_copied_afresh_not_continued() 
     );
 }
 
+/// Many small commits leave many small files: the pipeline compacts them as it goes (no
+/// `weir lake optimize` needed), and compaction neither loses nor doubles a change: the
+/// replica equals the source, the change log holds every change once, a restart goes on
+/// from where the lake stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_are_compacted_in_the_background_and_no_change_is_lost_or_doubled() {
+    let db = TestDb::new("compact");
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (0, 0);");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["t"], &lake);
+    // One commit per transaction; compaction from 8 small files.
+    cfg.lake.max_batch_rows = 1;
+    cfg.lake.compact_files = 8;
+    run_until_now(&db, &cfg).await;
+    let write = |from: i32| {
+        for i in from..from + 30 {
+            db.sql(&format!(
+                "INSERT INTO t VALUES ({i}, {i}); UPDATE t SET v = v + 1 WHERE id = {};",
+                i / 2
+            ));
+        }
+    };
+    write(1);
+    let stats = run_until_now(&db, &cfg).await;
+    assert!(stats.batches >= 30, "one commit per transaction: {stats:?}");
+    write(31);
+    db.sql("DELETE FROM t WHERE id % 7 = 0;");
+    run_until_now(&db, &cfg).await;
+
+    let files = |name: &'static str| {
+        let lake = lake.clone();
+        let url = url::Url::from_directory_path(lake.join(name)).unwrap();
+        async move {
+            let table = deltalake::open_table(url).await.unwrap();
+            let live = table.snapshot().unwrap().log_data().num_files();
+            let compactions = std::fs::read_dir(lake.join(name).join("_delta_log"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .filter(|p| {
+                    std::fs::read_to_string(p)
+                        .unwrap()
+                        .contains(r#""operation":"OPTIMIZE""#)
+                })
+                .count();
+            (live, compactions)
+        }
+    };
+    for name in ["t", "t_changes"] {
+        let (live, compactions) = files(name).await;
+        assert!(compactions >= 3, "{name}: {compactions} compactions");
+        assert!(live < 8 + 4, "{name}: {live} files left");
+    }
+    assert_query_equal(
+        &db,
+        &lake,
+        "SELECT id::text, v::text FROM t ORDER BY t.id",
+        "SELECT CAST(id AS VARCHAR) AS i, CAST(v AS VARCHAR) AS v FROM t ORDER BY id",
+        "t after compactions",
+    )
+    .await;
+    let log = lake_rows(
+        &lake,
+        "SELECT _op, count(*) FROM t_changes GROUP BY _op ORDER BY _op",
+    )
+    .await;
+    assert_eq!(
+        log,
+        [["c", "60"], ["d", "9"], ["r", "1"], ["u", "60"]].map(|r| r.map(String::from).to_vec()),
+        "every change once"
+    );
+    assert_change_log_has_no_duplicates(&lake, "t").await;
+}
+
 fn fraud_rule() -> PathBuf {
     PathBuf::from(env!("WEIR_PLUGIN_DIR")).join("fraud_rule.wasm")
 }

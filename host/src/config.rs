@@ -203,6 +203,13 @@ pub struct LakeConfig {
     /// Commits between two checkpoints of a Delta table's log.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: u64,
+    /// A table with this many files smaller than `compact_target_mb` is compacted by the
+    /// pipeline between two writes (0: never; `weir lake optimize` still does).
+    #[serde(default = "default_compact_files")]
+    pub compact_files: usize,
+    /// The size of the files compaction writes (MiB).
+    #[serde(default = "default_compact_target_mb")]
+    pub compact_target_mb: u64,
     /// Catalog name for `weir query` (``SELECT * FROM `catalog`.`schema`.`table` ``).
     #[serde(default = "default_catalog")]
     pub catalog: String,
@@ -259,6 +266,8 @@ impl Default for LakeConfig {
             delete: DeleteMode::Hard,
             change_log: false,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            compact_files: default_compact_files(),
+            compact_target_mb: default_compact_target_mb(),
             catalog: default_catalog(),
             schema: default_schema(),
             tables: Default::default(),
@@ -312,6 +321,14 @@ fn default_max_batch_bytes() -> usize {
 fn default_part_rows() -> usize {
     DEFAULT_PART_ROWS
 }
+fn default_compact_files() -> usize {
+    64
+}
+
+fn default_compact_target_mb() -> u64 {
+    16
+}
+
 fn default_checkpoint_interval() -> u64 {
     DEFAULT_CHECKPOINT_INTERVAL
 }

@@ -258,6 +258,7 @@ fn spawn_sink(
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let task = runtime.spawn(async move {
         while let Some(job) = jobs.recv().await {
+            let wrote = matches!(job, Job::Write { .. });
             let result = match job {
                 Job::Schema(rel) => match sink.schema(rel) {
                     Ok(()) => continue,
@@ -340,6 +341,15 @@ fn spawn_sink(
                     let _ = done_tx.send(Err(e));
                     break;
                 }
+            }
+            // After a write has been reported (its position may be acknowledged): the
+            // small files it left are compacted once a table has enough of them, one
+            // table at a time. The next write waits meanwhile; the cost is paid once per
+            // `compact_files` commits of a table, and every later commit and read of it
+            // is cheaper for it.
+            if wrote && let Err(e) = sink.compact_step().await {
+                let _ = done_tx.send(Err(e));
+                break;
             }
         }
         if let Err(e) = sink.settle().await {

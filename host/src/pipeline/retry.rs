@@ -19,7 +19,7 @@ pub async fn run_with_retries(
     stop: watch::Receiver<bool>,
 ) -> Result<RunStats, PipelineError> {
     let mut backoff = FIRST_BACKOFF;
-    let mut total = RunStats::default();
+
     let mut opts = opts;
     loop {
         let started = std::time::Instant::now();
@@ -28,13 +28,9 @@ pub async fn run_with_retries(
         // unfinished stops with SlotAhead, which says to start over again).
         opts.start_over = false;
         match attempt {
-            Ok(stats) => {
-                total.changes += stats.changes;
-                total.batches += stats.batches;
-                total.idle_records += stats.idle_records;
-                total.position = stats.position.or(total.position);
-                return Ok(total);
-            }
+            // (A failed attempt reports nothing: what it wrote is written again by this
+            // one, and counted here.)
+            Ok(stats) => return Ok(stats),
             // A table PostgreSQL rewrote is copied again by the next run, at once.
             Err(PipelineError::Sink(e @ crate::sink::delta::DeltaError::Rewritten { .. }))
                 if !*stop.borrow() =>
@@ -50,7 +46,7 @@ pub async fn run_with_retries(
                 let mut stop = stop.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(total),
+                    _ = stop.wait_for(|s| *s) => return Ok(RunStats::default()),
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

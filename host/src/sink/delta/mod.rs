@@ -397,6 +397,8 @@ pub struct SinkStats {
     pub state_time: std::time::Duration,
     /// Delta commits made (data and position).
     pub commits: u64,
+    /// Background compactions (see [`DeltaSink::compact_step`]).
+    pub compactions: u64,
 }
 
 /// Writes change documents into the lake, exactly once per table (see the module doc).
@@ -408,6 +410,9 @@ pub struct DeltaSink {
     lake: Lake,
     pipeline: String,
     checkpoint_interval: u64,
+    /// Background compaction: small-file count that starts it (0: off), target size.
+    compact_files: usize,
+    compact_target: u64,
     /// Plugin output tables, opened on first use.
     collections: HashMap<String, LakeTable>,
     dead_letters: Option<LakeTable>,
@@ -493,6 +498,8 @@ impl DeltaSink {
             tables,
             stats: SinkStats::default(),
             checkpoint_interval: cfg.checkpoint_interval,
+            compact_files: cfg.compact_files,
+            compact_target: cfg.compact_target_mb.max(1) * 1024 * 1024,
             lake,
             pipeline,
             collections: HashMap::new(),
@@ -1135,6 +1142,41 @@ impl DeltaSink {
         tables.extend(self.dead_letters.as_mut());
         tables.extend(self.plugin_state.as_mut());
         tables
+    }
+
+    /// Compacts the one table with the most small files, if it has at least
+    /// `lake.compact_files` of them (between two writes: one table at a time keeps the
+    /// pause short). Compaction changes no data and keeps every position, so it needs no
+    /// acknowledgment and cannot double or lose a change.
+    pub async fn compact_step(&mut self) -> Result<(), DeltaError> {
+        if self.compact_files == 0 {
+            return Ok(());
+        }
+        let target = self.compact_target;
+        let min = self.compact_files;
+        let Some(t) = self
+            .every_table_mut()
+            .into_iter()
+            .filter(|t| t.exists())
+            .map(|t| (t.small_files(target), t))
+            .filter(|(n, _)| *n >= min)
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, t)| t)
+        else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let (removed, added) = t.compact(target).await?;
+        tracing::info!(
+            table = %t.name,
+            removed,
+            added,
+            ms = started.elapsed().as_millis() as u64,
+            "compacted small files"
+        );
+        self.stats.commits += 1;
+        self.stats.compactions += 1;
+        Ok(())
     }
 
     /// Compacts every table; one line per table.

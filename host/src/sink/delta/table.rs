@@ -1232,6 +1232,48 @@ impl LakeTable {
         })
     }
 
+    /// About how many of the table's files are smaller than `target` bytes: those of its
+    /// snapshot, and one per quick commit since (each adds a file or two of one write).
+    pub fn small_files(&self, target: u64) -> usize {
+        let Some(table) = self.table.as_ref() else {
+            return 0;
+        };
+        let Some(snapshot) = table.snapshot().ok() else {
+            return 0;
+        };
+        let since = match (self.head, table.version()) {
+            (Some(head), Some(seen)) => head.saturating_sub(seen) as usize,
+            _ => 0,
+        };
+        since
+            + snapshot
+                .log_data()
+                .iter()
+                .filter(|f| (f.size() as u64) < target)
+                .count()
+    }
+
+    /// Compacts the files smaller than `target` bytes into files of about that size, in
+    /// one commit that changes no data and keeps the position (readers see the same rows
+    /// before and after). Returns the files removed and added.
+    pub async fn compact(&mut self, target: u64) -> Result<(u64, u64), DeltaError> {
+        self.fresh().await?;
+        let table = self.take().await?;
+        let target = std::num::NonZeroU64::new(target.max(1)).expect("at least 1");
+        match table
+            .optimize()
+            .with_target_size(target)
+            .with_max_concurrent_tasks(1)
+            .await
+        {
+            Ok((table, metrics)) => {
+                self.loaded(table);
+                Ok((metrics.num_files_removed, metrics.num_files_added))
+            }
+            Err(e) => self.failed("compacting", e).await,
+        }
+    }
+
     /// Runs `optimize` (compaction) and returns what it did.
     pub async fn optimize(&mut self) -> Result<String, DeltaError> {
         let table = self.take().await?;
