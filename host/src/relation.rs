@@ -134,6 +134,9 @@ pub struct ColumnInfo {
     /// The value rows that existed before `ADD COLUMN ... DEFAULT x` have for it
     /// (`attmissingval`), when PostgreSQL keeps one.
     pub missing: Option<serde_json::Value>,
+    /// The column has a default (`atthasdef`): a table rewrite that adds it gives the
+    /// older rows values the stream does not carry.
+    pub has_default: bool,
 }
 
 /// The current shape of a table.

@@ -98,6 +98,7 @@ pub async fn changes(capture: &mut Capture, n: usize) -> Vec<Value> {
             | CaptureEvent::TablesBackfilled { position, .. } => capture.acknowledge(position),
             CaptureEvent::BackfillTable { .. }
             | CaptureEvent::Schema(_)
+            | CaptureEvent::Resync { .. }
             | CaptureEvent::Idle { .. } => {}
         }
     }
@@ -116,6 +117,7 @@ pub async fn backfill(capture: &mut Capture) -> Vec<Value> {
             }
             CaptureEvent::BackfillTable { .. }
             | CaptureEvent::Schema(_)
+            | CaptureEvent::Resync { .. }
             | CaptureEvent::Idle { .. } => {}
             CaptureEvent::Commit { .. } | CaptureEvent::TablesBackfilled { .. } => {
                 panic!("commit before the backfill was done")

@@ -140,6 +140,11 @@ pub async fn capture_to(
                 tracing::info!(%position, "backfill complete; streaming");
             }
             CaptureEvent::Schema(_) => {}
+            CaptureEvent::Resync { table, lsn, .. } => tracing::warn!(
+                %lsn,
+                "`weir resync {table}` was asked; `weir capture` copies no table again (the \
+                 request is for `weir run`, which reads this slot)"
+            ),
             CaptureEvent::Idle { position } => {
                 sink.end_transaction(position);
                 flush(&mut sink, &capture)?;

@@ -8,6 +8,7 @@ mod capture;
 mod datagen;
 mod plugin;
 mod query;
+mod resync;
 mod run;
 mod serve;
 
@@ -30,6 +31,9 @@ enum Command {
     Capture(capture::CaptureArgs),
     /// Run the pipeline: PostgreSQL changes into Delta tables, until Ctrl-C.
     Run(run::RunArgs),
+    /// Copy captured tables again (into their replicas as they stand: readers never see
+    /// them emptied), while the pipeline runs or at its next start.
+    Resync(resync::ResyncArgs),
     /// Run SQL over the lake's Delta tables.
     Query(query::QueryArgs),
     /// Serve the dashboard (fraud view, pipeline view) and /metrics over a lake.
@@ -91,6 +95,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Capture(args) => capture::run(args).await,
             Command::Run(args) => run::run(args).await,
+            Command::Resync(args) => resync::run(args).await,
             Command::Query(args) => query::query(args).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Lake { command } => query::lake(command).await,

@@ -202,6 +202,8 @@ enum Job {
     Schema(Arc<Relation>),
     /// A table's backfill starts (its OID).
     BeginBackfill(u32),
+    /// `weir resync` asked to copy a table (its OID) again, at this position.
+    Resync(u32, Lsn),
     /// Nothing to write up to this position: recorded, then acknowledged.
     Idle(Lsn),
     /// Changes to write; with a position, recorded with them (and, with `complete`, in
@@ -265,6 +267,7 @@ fn spawn_sink(
                     Err(e) => Err(e),
                 },
                 Job::BeginBackfill(oid) => sink.begin_backfill(oid).await.map(|()| None),
+                Job::Resync(oid, lsn) => sink.resync(oid, lsn).await.map(|()| None),
                 Job::Idle(position) => {
                     let started = Instant::now();
                     sink.record_idle(position).await.map(|()| {
@@ -415,11 +418,14 @@ impl SinkLink<'_> {
             self.in_flight += 1;
         }
         if jobs.send(job).await.is_err() {
-            // The sink stopped: its error is waiting in `done`.
-            return match self.done.recv().await {
-                Some(Err(e)) => Err(e.into()),
-                _ => Err(PipelineError::Config("the lake writer stopped".into())),
-            };
+            // The sink stopped: its error is waiting in `done`, behind the writes it
+            // finished before (left unacknowledged: the next run starts from the lake).
+            while let Some(done) = self.done.recv().await {
+                if let Err(e) = done {
+                    return Err(e.into());
+                }
+            }
+            return Err(PipelineError::Config("the lake writer stopped".into()));
         }
         Ok(())
     }
@@ -792,6 +798,14 @@ pub async fn run(
                         link.flush(&mut batch).await?;
                         link.write_part(&mut batch).await?;
                     }
+                }
+                CaptureEvent::Resync { oid, table, lsn } => {
+                    // After the writes before it: the sink marks the table to be copied
+                    // and ends the run, which starts again and copies it (nothing after
+                    // `lsn` is acknowledged before that copy is in the lake).
+                    tracing::info!(%table, %lsn, "a resync was asked");
+                    link.flush(&mut batch).await?;
+                    link.send(Job::Resync(oid, lsn)).await?;
                 }
                 CaptureEvent::Idle { position } => {
                     // Everything before it was delivered. With nothing gathered, the

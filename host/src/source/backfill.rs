@@ -235,6 +235,7 @@ async fn table_columns(
                 key,
                 attnum: Some(r.get(4)),
                 missing: None,
+                has_default: false,
             }
         })
         .collect())

@@ -162,6 +162,7 @@ impl ChangeBuilder {
                         // From the catalog, by the capture (see `Worker::describe_columns`).
                         attnum: None,
                         missing: None,
+                        has_default: false,
                     })
                     .collect();
                 let rel = Arc::new(Relation {

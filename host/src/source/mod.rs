@@ -16,6 +16,7 @@ mod connection;
 pub mod error;
 pub use crate::relation;
 mod catalog_watch;
+pub mod resync;
 mod setup;
 mod socket;
 
@@ -124,6 +125,17 @@ pub enum CaptureEvent {
         position: Lsn,
         /// The tables copied (OIDs).
         tables: Vec<u32>,
+    },
+    /// `weir resync` asked for a table to be copied again (see [`resync`]): the consumer
+    /// copies it at a snapshot after `lsn` (by starting again with the table to be
+    /// copied), so that nothing past `lsn` is acknowledged before the copy.
+    Resync {
+        /// The table's OID.
+        oid: u32,
+        /// `schema.table`, for messages.
+        table: String,
+        /// Where the request is in the WAL.
+        lsn: Lsn,
     },
     /// Nothing to deliver up to `position` (the WAL there is other tables' or other
     /// databases'). A consumer that records it and then acknowledges it lets PostgreSQL
@@ -849,6 +861,7 @@ impl Worker {
                 .find(|f| *f.name == *c.name && f.type_id == c.type_id)
             {
                 c.attnum = Some(f.attnum);
+                c.has_default = f.has_default;
                 c.missing = f
                     .missing
                     .as_deref()
@@ -1078,6 +1091,35 @@ impl Worker {
                             .await?;
                         self.events.flush().await?;
                     }
+                }
+                ReplicationEvent::Message {
+                    prefix,
+                    content,
+                    lsn,
+                    ..
+                } if prefix == resync::RESYNC_PREFIX => {
+                    let lsn = Lsn::from(lsn);
+                    let skip = match &txn {
+                        Some((_, skip)) => *skip,
+                        None => lsn < self.resume_at,
+                    };
+                    let Some(request) = resync::ResyncRequest::parse(&content) else {
+                        tracing::warn!(%lsn, "ignored a `{prefix}` message that is not a resync request of weir's");
+                        continue;
+                    };
+                    // Another pipeline's; or a table already being copied at a later
+                    // snapshot (the copy holds what the request asked for).
+                    if skip || request.slot != self.slot || self.held_back.contains(&request.oid) {
+                        continue;
+                    }
+                    self.events
+                        .push(CaptureEvent::Resync {
+                            oid: request.oid,
+                            table: request.table,
+                            lsn,
+                        })
+                        .await?;
+                    self.events.flush().await?;
                 }
                 ReplicationEvent::Message { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => return Ok(()),

@@ -16,7 +16,9 @@ use crate::relation::TableInfo;
 /// inserts and truncates, so that PostgreSQL keeps accepting updates and deletes on them.
 pub const INSERT_ONLY_SUFFIX: &str = "_insert_only";
 
-fn query_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+pub(super) fn query_err(
+    context: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
     let context = context.into();
     move |source| SourceError::Query { context, source }
 }
@@ -156,6 +158,7 @@ pub struct CatalogColumn {
     pub type_modifier: i32,
     pub attnum: i16,
     pub missing: Option<String>,
+    pub has_default: bool,
 }
 
 /// Where table `oid`'s rows are stored now: the sum of its leaf partitions'
@@ -176,7 +179,7 @@ pub async fn storage_of(client: &Client, oid: u32) -> Result<i64, SourceError> {
 /// The live columns of table `oid`, from the catalog.
 pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>, SourceError> {
     const SQL: &str = "SELECT attname::text, attnum, atttypid, \
-           CASE WHEN atthasmissing THEN (attmissingval::text::text[])[1] END, atttypmod \
+           CASE WHEN atthasmissing THEN (attmissingval::text::text[])[1] END, atttypmod, atthasdef \
          FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
          AND attgenerated = ''";
     let rows = match client.query(SQL, &[&oid]).await {
@@ -190,7 +193,7 @@ pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogCol
             );
             client
                 .query(
-                    "SELECT attname::text, attnum, atttypid, NULL::text, atttypmod \
+                    "SELECT attname::text, attnum, atttypid, NULL::text, atttypmod, atthasdef \
                      FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
          AND attgenerated = ''",
                     &[&oid],
@@ -208,6 +211,7 @@ pub async fn catalog_columns(client: &Client, oid: u32) -> Result<Vec<CatalogCol
             type_id: r.get(2),
             missing: r.get(3),
             type_modifier: r.get(4),
+            has_default: r.get(5),
         })
         .collect())
 }

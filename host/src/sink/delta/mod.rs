@@ -119,7 +119,8 @@ pub enum DeltaError {
         /// The library's message.
         detail: String,
     },
-    /// PostgreSQL rewrote a table's rows without sending them: it is to be copied again.
+    /// A table is to be copied again: PostgreSQL rewrote its rows without sending them,
+    /// or `weir resync` asked for it.
     #[error(
         "table `{table}`: {reason}. It is copied again: the pipeline starts again from what \
          the lake holds and backfills that table alone"
@@ -376,6 +377,9 @@ struct SourceTable {
     /// Being copied (between [`DeltaSink::begin_backfill`] and [`DeltaSink::complete`]):
     /// its shape is the copy's.
     copying: bool,
+    /// Copied again into its keyed replica as it stands (see `begin_backfill`): the rows
+    /// the copy did not write go when it completes.
+    in_place: bool,
 }
 
 /// Work done so far, for benchmarks and the status line.
@@ -476,6 +480,7 @@ impl DeltaSink {
                     changes,
                     delete: per.delete.unwrap_or(cfg.delete),
                     copying: false,
+                    in_place: false,
                 },
             );
         }
@@ -876,7 +881,18 @@ impl DeltaSink {
         if let Some(t) = self.tables.get_mut(&oid) {
             source = Some(t.display.clone());
             t.copying = true;
-            if t.replica.exists() {
+            // A keyed replica is copied into as it stands: the copy's rows replace theirs
+            // key by key and the rows it did not write (gone from the source) go when it
+            // completes, so that readers never see it emptied or half-filled. Without a
+            // key (rows matched by value, or appended) it is emptied first.
+            let keyed = t
+                .relation
+                .as_deref()
+                .is_some_and(|r| has_key(r) && !r.multiset);
+            t.in_place = keyed && t.replica.exists();
+            if t.in_place {
+                tracing::info!(table = %t.replica.name, "copying into the replica as it stands");
+            } else if t.replica.exists() {
                 tracing::info!(table = %t.replica.name, "emptying the replica for a new backfill");
                 t.replica.delete_all(None).await?;
             }
@@ -904,6 +920,29 @@ impl DeltaSink {
             }
         }
         Ok(())
+    }
+
+    /// `weir resync` asked at `lsn` for table `oid` to be copied again: marks it (so that
+    /// the copy happens also after a crash) and ends the run with
+    /// [`DeltaError::Rewritten`], whose retry copies it alone. A request that a copy
+    /// already under way, or finished since, answers is done; one for a table this
+    /// pipeline does not capture (any more) is left with a warning.
+    pub async fn resync(&mut self, oid: u32, lsn: Lsn) -> Result<(), DeltaError> {
+        let Some(t) = self.tables.get_mut(&oid) else {
+            tracing::warn!(oid, %lsn, "a resync was asked for a table this pipeline does not capture; nothing to copy");
+            return Ok(());
+        };
+        if t.copying || t.replica.detached() || t.replica.version.is_some_and(|v| v > lsn) {
+            return Ok(());
+        }
+        t.replica
+            .set_property(DETACHED_PROPERTY, format!("weir resync at {lsn}"))
+            .await?;
+        self.stats.commits += 1;
+        Err(DeltaError::Rewritten {
+            table: t.display.clone(),
+            reason: format!("a copy was asked with `weir resync` (at {lsn})"),
+        })
     }
 
     /// Writes `docs` (in source order) to their tables. With a `position`, every table
@@ -1090,6 +1129,26 @@ impl DeltaSink {
             if let Some(rel) = &rel {
                 reshape::record_shape(&mut t.replica, rel).await?;
             }
+            // Every row the source holds at `position` was copied with that position
+            // (rows streamed before it that still exist were copied again): the others
+            // are gone from the source.
+            if t.in_place && t.replica.exists() {
+                let stale = format!("({LSN} IS NULL OR {LSN} <> {})", position.0 as i64);
+                match delete {
+                    DeleteMode::Hard => t.replica.delete_where(Some(&stale), None).await?,
+                    DeleteMode::Soft => {
+                        t.replica
+                            .mark_deleted_where(
+                                Some(&format!("NOT {DELETED} AND {stale}")),
+                                None,
+                                position,
+                            )
+                            .await?
+                    }
+                }
+                self.stats.commits += 1;
+            }
+            t.in_place = false;
             t.copying = false;
             for lt in std::iter::once(&mut t.replica).chain(t.changes.as_mut()) {
                 if lt.exists() && lt.version.is_none_or(|v| v < position) {

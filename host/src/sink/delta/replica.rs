@@ -518,6 +518,7 @@ mod tests {
             key,
             attnum: None,
             missing: None,
+            has_default: false,
         };
         Relation {
             oid: 0,

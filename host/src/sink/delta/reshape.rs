@@ -70,8 +70,14 @@ pub fn rewritten(lt: &LakeTable, rel: &Relation) -> Option<String> {
         .columns
         .iter()
         .filter(|c| {
-            c.attnum
-                .is_some_and(|n| before.types.get(&n) != Some(&(c.type_id, c.type_modifier)))
+            c.attnum.is_some_and(|n| match before.types.get(&n) {
+                // Retyped: its values may be anything (USING).
+                Some(&was) => was != (c.type_id, c.type_modifier),
+                // Added: older rows get its default, which the stream does not carry
+                // (without a default they are NULL, as in the replica: PostgreSQL also
+                // rewrites to add a column of a domain with constraints).
+                None => c.has_default,
+            })
         })
         .map(|c| c.name.to_string())
         .collect();

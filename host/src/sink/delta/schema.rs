@@ -579,6 +579,7 @@ mod tests {
             key: false,
             attnum: None,
             missing: None,
+            has_default: false,
         }
     }
 

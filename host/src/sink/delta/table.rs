@@ -917,10 +917,24 @@ impl LakeTable {
         position: Option<Lsn>,
         lsn: Lsn,
     ) -> Result<(), DeltaError> {
+        self.mark_deleted_where(None, position, lsn).await
+    }
+
+    /// Sets `_deleted = true` and `_lsn = lsn` on the rows matching `predicate` (SQL;
+    /// every row without one), recording `position` in the same commit.
+    pub async fn mark_deleted_where(
+        &mut self,
+        predicate: Option<&str>,
+        position: Option<Lsn>,
+        lsn: Lsn,
+    ) -> Result<(), DeltaError> {
         let table = self.take().await?;
         let before = table.version();
-        let result = table
-            .update()
+        let mut builder = table.update();
+        if let Some(p) = predicate {
+            builder = builder.with_predicate(p.to_string());
+        }
+        let result = builder
             .with_update(super::DELETED, "true")
             .with_update(super::LSN, format!("CAST({} AS BIGINT)", lsn.0 as i64))
             .with_commit_properties(self.properties(position))
