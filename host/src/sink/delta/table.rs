@@ -752,6 +752,19 @@ impl LakeTable {
                 // this pipeline (a second weir, or a stale handle: its position moved) or
                 // changed the table's protocol.
                 Err(TransactionError::VersionAlreadyExists(v)) if attempts < 10 => {
+                    // Ours: the store wrote it, its reply was lost, and the store client
+                    // sent it again (taken for someone else's, it would be written twice).
+                    let ours = table
+                        .log_store()
+                        .read_commit_entry(v)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|written| written == bytes);
+                    if v == head + 1 && ours {
+                        tracing::warn!(table = %self.name, version = v, "a commit's reply was lost; the commit is in the log");
+                        break v;
+                    }
                     attempts += 1;
                     self.update().await?;
                     let table = self.table.as_ref().expect("fresh keeps the table");
