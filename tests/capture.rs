@@ -200,6 +200,123 @@ async fn backfill_is_consistent_with_concurrent_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_table_is_copied_over_several_connections_at_the_slots_snapshot() {
+    let db = TestDb::new("parallel_copy");
+    // About 600 blocks: three ranges of at least 128. `s` is too small to be split.
+    db.sql(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v int, pad text); \
+         INSERT INTO t SELECT g, g % 7, repeat('p', 80) FROM generate_series(1, 40000) g; \
+         CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s VALUES (1), (2);",
+    );
+    db.sql("VACUUM ANALYZE t");
+    let blocks: i64 = db
+        .sql("SELECT pg_relation_size('t') / 8192")
+        .parse()
+        .unwrap();
+    assert!(blocks >= 3 * 128, "{blocks} blocks");
+    // Rows inserted, updated (moved to new blocks) and deleted while the copy starts: a
+    // copier that did not read at the slot's snapshot would see them.
+    let client = db.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO t VALUES ({}, -1, 'new'); \
+                         UPDATE t SET v = v + 100 WHERE id = {}; DELETE FROM t WHERE id = {};",
+                        40000 + n,
+                        2 * n,
+                        2 * n + 1
+                    ))
+                    .await
+                    .unwrap();
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut source = db.source(&["t", "s"]);
+    source.backfill_connections = 3;
+    let mut capture = Capture::start(&source, CaptureOptions::default())
+        .await
+        .unwrap();
+    // The copy, table by table: how many connections each took, its rows by key.
+    let mut connections = HashMap::new();
+    let mut copied: HashMap<i64, Value> = HashMap::new();
+    loop {
+        match next_event(&mut capture, 60).await {
+            CaptureEvent::BackfillTable {
+                table,
+                connections: n,
+                ..
+            } => {
+                connections.insert(table, n);
+            }
+            CaptureEvent::Change(doc) if doc.source.table.as_ref() == "t" => {
+                let doc: Value = serde_json::from_str(&doc.to_json()).unwrap();
+                let id = doc["id"].as_i64().unwrap();
+                assert!(copied.insert(id, doc).is_none(), "row {id} copied twice");
+            }
+            CaptureEvent::BackfillDone { position } => {
+                capture.acknowledge(position);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(connections.get("public.t"), Some(&3), "{connections:?}");
+    assert_eq!(connections.get("public.s"), Some(&1), "{connections:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(
+        written > 5,
+        "the writer must overlap the capture start ({written} rounds)"
+    );
+    // The copy and then the stream give PostgreSQL's table, every change once: apply the
+    // stream's changes to the copy (an insert of a key already there, or a change of a key
+    // not there, would be a change seen twice or missed).
+    let mut table: HashMap<i64, i64> = copied
+        .iter()
+        .map(|(id, d)| (*id, d["v"].as_i64().unwrap()))
+        .collect();
+    // A last change in `s` after the writer's: the stream is read through it.
+    db.sql("INSERT INTO s VALUES (99)");
+    loop {
+        let doc = changes(&mut capture, 1).await.remove(0);
+        let id = doc["id"].as_i64().unwrap();
+        if meta(&doc, "source")["table"] == "s" {
+            assert_eq!(id, 99);
+            break;
+        }
+        let v = || doc["v"].as_i64().unwrap();
+        match meta(&doc, "op").as_str().unwrap() {
+            "c" => assert!(table.insert(id, v()).is_none(), "insert of {id} twice"),
+            "u" => assert!(table.insert(id, v()).is_some(), "update of {id} missing"),
+            "d" => assert!(table.remove(&id).is_some(), "delete of {id} missing"),
+            op => panic!("{op}"),
+        }
+    }
+    let pg = support::lake::pg_rows(
+        &db.client().await,
+        "SELECT id::text, v::text FROM t ORDER BY t.id",
+    )
+    .await;
+    let mut ours: Vec<(i64, i64)> = table.into_iter().collect();
+    ours.sort();
+    let ours: Vec<Vec<String>> = ours
+        .iter()
+        .map(|(id, v)| vec![id.to_string(), v.to_string()])
+        .collect();
+    support::lake::assert_same_rows(&pg, &ours, "t: copy + stream against PostgreSQL");
+    capture.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn before_images_with_replica_identity_full_and_key_changes() {
     let db = TestDb::new("before");
     db.sql(

@@ -380,8 +380,13 @@ async fn renames_drops_and_defaults_keep_every_value_of_the_rows_around_them() {
     // Added with defaults, in a transaction of its own.
     db.sql(
         "ALTER TABLE s ADD COLUMN d text NOT NULL DEFAULT 'dee', ADD COLUMN e numeric DEFAULT 2.5, \
-           ADD COLUMN f int; \
+           ADD COLUMN f int, ADD COLUMN g timestamptz DEFAULT 'infinity'; \
          INSERT INTO s (id, a2, c, f) VALUES (7, 'seven', 0, 1);",
+    );
+    // A default Delta cannot hold, added to rows whose `_raw` holds another already.
+    db.sql(
+        "ALTER TABLE s ADD COLUMN h date DEFAULT '0044-03-15 BC'; \
+         INSERT INTO s (id, a2) VALUES (9, 'nine');",
     );
     run_until_now(&db, &cfg).await;
     // While weir is stopped: renamed again (the replica learns it at the next start).
@@ -393,6 +398,23 @@ async fn renames_drops_and_defaults_keep_every_value_of_the_rows_around_them() {
     let pg = "SELECT id::text, name, c::text, dd, e::text, f::text FROM s ORDER BY s.id";
     let delta = "SELECT id, name, c, dd, CAST(e AS VARCHAR) AS e, f FROM s ORDER BY id";
     assert_query_equal(&db, &lake, pg, delta, "s after renames, drops and defaults").await;
+    // Every row has g = 'infinity' and h = '0044-03-15 BC' in PostgreSQL: NULL in their
+    // Delta columns and the values in `_raw`, the older rows' too.
+    let raw = lake_rows(
+        &lake,
+        "SELECT id, CAST(g IS NULL AND h IS NULL AS VARCHAR) AS gone, _raw FROM s ORDER BY id",
+    )
+    .await;
+    assert_eq!(raw.len(), 9, "{raw:?}");
+    for r in &raw {
+        let got: Value = serde_json::from_str(&r[2]).unwrap_or(Value::Null);
+        assert_eq!(
+            (&*r[1], got),
+            ("true", json!({"g": "infinity", "h": "0044-03-15 BC"})),
+            "row {}",
+            r[0]
+        );
+    }
     // Every change in the change log once, with its values under the names of its time.
     assert_eq!(
         lake_rows(
@@ -410,6 +432,7 @@ async fn renames_drops_and_defaults_keep_every_value_of_the_rows_around_them() {
             ["u", "1", "one", "11"],
             ["c", "6", "six", "NULL"],
             ["c", "7", "seven", "NULL"],
+            ["c", "9", "nine", "NULL"],
             ["u", "2", "two", "NULL"],
             ["c", "8", "eight", "NULL"],
         ]
@@ -571,14 +594,18 @@ async fn json_numbers_keep_their_exact_digits() {
                  ({}, '[1.50, 2.0, 0.1, 1e400]', '123456789012345678901234567890'),
                  ({}, '{{"a": [1, 2], "s": "1.50"}}', '-0'), ({}, 'null', NULL);
                INSERT INTO f VALUES ('{{"v": 0.30000000000000000001}}'), ('{{"v": 0.30000000000000000001}}'),
-                 ('{{"v": 0.3}}');"#,
+                 ('{{"v": 0.3}}');
+               UPDATE j SET a = ARRAY['12345678901234567890.5', NULL, '{{"x": 1.50}}', '[2, 3.0]']::jsonb[]
+                 WHERE id = {first};
+               UPDATE j SET a = ARRAY['1', '"s"']::jsonb[] WHERE id = {};"#,
             first + 1,
             first + 2,
             first + 3,
+            first + 2,
         )
     };
     db.sql(&format!(
-        "CREATE TABLE j (id int PRIMARY KEY, b jsonb, t json);
+        "CREATE TABLE j (id int PRIMARY KEY, b jsonb, t json, a jsonb[]);
          CREATE TABLE f (b jsonb); ALTER TABLE f REPLICA IDENTITY FULL; {}",
         rows(1)
     ));
@@ -587,6 +614,10 @@ async fn json_numbers_keep_their_exact_digits() {
     let cfg = config(&db, &["j", "f"], &lake);
     run_until_now(&db, &cfg).await;
     db.sql(&rows(11));
+    // The rows from before an added column have its default, digit for digit.
+    db.sql(
+        r#"ALTER TABLE j ADD COLUMN d jsonb DEFAULT '{"big": 123456789012345678901234567890}';"#,
+    );
     // One of the twins changes, then the other goes; the near-twin stays.
     db.sql(
         r#"UPDATE f SET b = '{"v": 0.30000000000000000002}'
@@ -599,14 +630,23 @@ async fn json_numbers_keep_their_exact_digits() {
     let client = db.client().await;
     let pg = pg_rows(
         &client,
-        "SELECT id::text, b::text, t::text FROM j ORDER BY j.id",
+        "SELECT id::text, b::text, t::text, a[1]::text, a[2]::text, a[3]::text, a[4]::text, \
+           d::text FROM j ORDER BY j.id",
     )
     .await;
     let delta = lake_rows(
         &lake,
-        "SELECT CAST(id AS VARCHAR) AS k, b, t FROM j ORDER BY id",
+        "SELECT CAST(id AS VARCHAR) AS k, b, t, a[1] AS a1, a[2] AS a2, a[3] AS a3, a[4] AS a4, d \
+         FROM j ORDER BY id",
     )
     .await;
+    assert!(
+        pg[0][1..]
+            .iter()
+            .any(|v| v.contains("12345678901234567890.5"))
+            && pg[0][7].contains("123456789012345678901234567890"),
+        "{pg:?}"
+    );
     assert_eq!(pg.len(), 8, "{pg:?}");
     assert_eq!(
         (&*pg[3][1], &*pg[3][2]),

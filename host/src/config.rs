@@ -17,6 +17,8 @@ pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 10;
 /// Default `source.receive_timeout_s`.
 pub const DEFAULT_RECEIVE_TIMEOUT_S: u64 = 30;
+/// Default `source.backfill_connections`.
+pub const DEFAULT_BACKFILL_CONNECTIONS: usize = 2;
 
 /// Default lake location: a folder next to where weir runs.
 pub const DEFAULT_LAKE_URL: &str = "./lake";
@@ -408,6 +410,10 @@ pub struct SourceConfig {
     /// longer hears (a network cut) is re-established. 0 turns the check off.
     #[serde(default = "default_receive_timeout_s")]
     pub receive_timeout_s: u64,
+    /// Connections that copy one large table at once during a backfill, each a range of
+    /// its blocks, all at the backfill's snapshot (1: one COPY per table).
+    #[serde(default = "default_backfill_connections")]
+    pub backfill_connections: usize,
 }
 
 fn default_publication() -> String {
@@ -424,6 +430,9 @@ fn default_connect_timeout_s() -> u64 {
 }
 fn default_receive_timeout_s() -> u64 {
     DEFAULT_RECEIVE_TIMEOUT_S
+}
+fn default_backfill_connections() -> usize {
+    DEFAULT_BACKFILL_CONNECTIONS
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -458,6 +467,7 @@ impl SourceConfig {
             status_interval_ms: DEFAULT_STATUS_INTERVAL_MS,
             connect_timeout_s: DEFAULT_CONNECT_TIMEOUT_S,
             receive_timeout_s: DEFAULT_RECEIVE_TIMEOUT_S,
+            backfill_connections: DEFAULT_BACKFILL_CONNECTIONS,
         }
     }
 }

@@ -133,10 +133,21 @@ pub struct ColumnInfo {
     pub attnum: Option<i16>,
     /// The value rows that existed before `ADD COLUMN ... DEFAULT x` have for it
     /// (`attmissingval`), when PostgreSQL keeps one.
-    pub missing: Option<serde_json::Value>,
+    pub missing: Option<Missing>,
     /// The column has a default (`atthasdef`): a table rewrite that adds it gives the
     /// older rows values the stream does not carry.
     pub has_default: bool,
+}
+
+/// What rows older than `ADD COLUMN ... DEFAULT x` hold for the column (see
+/// [`ColumnInfo::missing`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missing {
+    /// `x` as a change document has it.
+    pub value: serde_json::Value,
+    /// Its exact JSON text, for a json value whose numbers `value` does not keep (see
+    /// [`crate::document::ChangeDocument::exact`]).
+    pub exact: Option<Box<str>>,
 }
 
 /// The current shape of a table.

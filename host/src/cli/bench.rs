@@ -76,6 +76,20 @@ pub enum BenchCommand {
         #[arg(long)]
         part_rows: Option<usize>,
     },
+    /// The initial copy of one large table into Delta against `COPY ... TO STDOUT` of it,
+    /// over 1, 2 and 4 connections.
+    Backfill {
+        /// Rows of the table.
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: u64,
+        /// Numbers of copying connections to measure (`source.backfill_connections`).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        connections: Vec<usize>,
+        /// Rounds per number of connections, alternating who reads first; the median
+        /// ratio is reported.
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+    },
     /// The fraud rule as WebAssembly against the same rule compiled into weir.
     Plugin {
         /// Documents to score.
@@ -123,6 +137,16 @@ pub async fn run(which: BenchCommand) -> Result<std::process::ExitCode> {
                     big_rows,
                     part_rows,
                 )
+            })
+            .await??;
+        }
+        BenchCommand::Backfill {
+            rows,
+            connections,
+            runs,
+        } => {
+            tokio::task::spawn_blocking(move || {
+                super::bench_backfill::run(rows.max(1), &connections, runs.max(1))
             })
             .await??;
         }

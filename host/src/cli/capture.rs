@@ -107,6 +107,7 @@ pub async fn capture_to(
             CaptureEvent::BackfillTable {
                 table,
                 estimated_rows,
+                connections,
                 ..
             } => {
                 if let Some(bar) = progress.take() {
@@ -120,7 +121,10 @@ pub async fn capture_to(
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
                 );
-                bar.set_message(format!("backfill {table}"));
+                bar.set_message(match connections {
+                    1 => format!("backfill {table}"),
+                    n => format!("backfill {table} ({n} connections)"),
+                });
                 progress = Some(bar);
             }
             CaptureEvent::Change(doc) => {

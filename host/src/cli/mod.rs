@@ -1,6 +1,7 @@
 //! Command line: parsing and dispatch. Commands live in their own modules.
 
 mod bench;
+mod bench_backfill;
 mod bench_e2e;
 mod bench_lake;
 mod bench_plugin;

@@ -234,7 +234,11 @@ pub fn to_json(kind: &TypeKind, text: &str) -> Value {
 pub fn to_json_exact(kind: &TypeKind, text: &str) -> (Value, Option<Box<str>>) {
     let value = to_json(kind, text);
     if !matches!(kind, TypeKind::Json) {
-        return (value, None);
+        let exact = match kind {
+            TypeKind::Array(elem) if matches!(**elem, TypeKind::Json) => array_exact(text),
+            _ => None,
+        };
+        return (value, exact.map(String::into_boxed_str));
     }
     // A string is what a text that does not parse becomes (`1e400`); a JSON string is
     // quoted in the text.
@@ -389,31 +393,49 @@ fn push_padded_time(out: &mut String, time: &str) -> bool {
 
 /// Parses PostgreSQL's array literal (`{1,2,NULL}`, `{{a,b},{c,d}}`, `[0:1]={x,y}`).
 fn parse_array(text: &str, elem: &TypeKind) -> Option<Value> {
+    walk_array(
+        text,
+        &mut |item| match item {
+            None => Value::Null,
+            Some(s) => to_json(elem, s),
+        },
+        &mut Value::Array,
+    )
+}
+
+/// Walks the text of an array (`{1,NULL,"a b"}`, `[0:1]={...}`, nested), turning each
+/// element (`None`: NULL) with `leaf` and each (sub-)array's items with `list`.
+fn walk_array<T>(
+    text: &str,
+    leaf: &mut dyn FnMut(Option<&str>) -> T,
+    list: &mut dyn FnMut(Vec<T>) -> T,
+) -> Option<T> {
     let body = match text.find('=') {
         Some(eq) if text.starts_with('[') => &text[eq + 1..],
         _ => text,
     };
     let mut chars = body.chars().peekable();
-    let value = parse_level(&mut chars, elem, 0)?;
+    let value = walk_level(&mut chars, leaf, list, 0)?;
     chars.next().is_none().then_some(value)
 }
 
-fn parse_level(
+fn walk_level<T>(
     chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
-    elem: &TypeKind,
+    leaf: &mut dyn FnMut(Option<&str>) -> T,
+    list: &mut dyn FnMut(Vec<T>) -> T,
     depth: u8,
-) -> Option<Value> {
+) -> Option<T> {
     if depth > 6 || chars.next()? != '{' {
         return None;
     }
     let mut items = Vec::new();
     if chars.peek() == Some(&'}') {
         chars.next();
-        return Some(Value::Array(items));
+        return Some(list(items));
     }
     loop {
         match chars.peek()? {
-            '{' => items.push(parse_level(chars, elem, depth + 1)?),
+            '{' => items.push(walk_level(chars, leaf, list, depth + 1)?),
             '"' => {
                 chars.next();
                 let mut s = String::new();
@@ -424,7 +446,7 @@ fn parse_level(
                         c => s.push(c),
                     }
                 }
-                items.push(to_json(elem, &s));
+                items.push(leaf(Some(&s)));
             }
             _ => {
                 let mut s = String::new();
@@ -436,18 +458,41 @@ fn parse_level(
                     chars.next();
                 }
                 if s == "NULL" {
-                    items.push(Value::Null);
+                    items.push(leaf(None));
                 } else {
-                    items.push(to_json(elem, s.trim()));
+                    items.push(leaf(Some(s.trim())));
                 }
             }
         }
         match chars.next()? {
             ',' => continue,
-            '}' => return Some(Value::Array(items)),
+            '}' => return Some(list(items)),
             _ => return None,
         }
     }
+}
+
+/// Of an array of json or jsonb (`kind` holds json), its exact JSON text when an
+/// element's parsed form does not keep its numbers digit for digit: the array of the
+/// elements' exact texts (a NULL element, or a JSON `null`, as `null`).
+fn array_exact(text: &str) -> Option<String> {
+    let mut needed = false;
+    let exact = walk_array(
+        text,
+        &mut |item| match item {
+            None => "null".to_string(),
+            Some(s) => match to_json_exact(&TypeKind::Json, s) {
+                (v, None) => v.to_string(),
+                (v, Some(_)) if v.is_null() => "null".to_string(),
+                (_, Some(exact)) => {
+                    needed = true;
+                    exact.into()
+                }
+            },
+        },
+        &mut |items| format!("[{}]", items.join(",")),
+    )?;
+    needed.then_some(exact)
 }
 
 /// Undoes the escaping of one field in COPY's text format (`\N` is handled by the caller).
@@ -545,6 +590,31 @@ mod tests {
         assert_eq!(
             to_json_exact(&jsonb, "null"),
             (json!(null), Some("null".into()))
+        );
+    }
+
+    #[test]
+    fn arrays_of_json_keep_their_elements_exact_text() {
+        let array = TypeKind::Array(Box::new(TypeKind::Json));
+        let exact = |text: &str| to_json_exact(&array, text).1.map(String::from);
+        // Nothing an f64 loses: the parsed elements are enough.
+        assert_eq!(exact(r#"{"1","\"s\"","{\"a\": [1, 2.5]}"}"#), None);
+        assert_eq!(
+            exact(r#"{"12345678901234567890.5",NULL,"{\"x\": 1.50}","[2, 3.0]",null}"#),
+            Some(r#"[12345678901234567890.5,null,{"x":1.50},[2,3.0],null]"#.into())
+        );
+        assert_eq!(
+            exact(r#"{{"1.50","2"},{"\"t\"",NULL}}"#),
+            Some(r#"[[1.50,2],["t",null]]"#.into())
+        );
+        assert_eq!(exact(r#"[0:0]={"1e400"}"#), Some("[1e400]".into()));
+        // Each element lands as its own text; a NULL one (or JSON null) as NULL.
+        assert_eq!(
+            crate::sink::delta::schema::exact_json_as_text(
+                &array,
+                r#"[12345678901234567890.5,null,{"x":1.50}]"#
+            ),
+            json!(["12345678901234567890.5", null, r#"{"x":1.50}"#])
         );
     }
 

@@ -9,7 +9,8 @@
 //! then is that position acknowledged to PostgreSQL. The backfill, one long snapshot,
 //! is written in parts of `part_rows` with no position; its end is recorded in every
 //! table at once ([`DeltaSink::complete`]). So is a source transaction with more than
-//! `part_rows` changes, its position going with its last part.
+//! `part_rows` changes, its position going with its last part; its parts are staged and
+//! reach each table in one commit at its end ([`DeltaSink::close_parts`]).
 
 use std::time::{Duration, Instant};
 
@@ -765,7 +766,9 @@ pub async fn run(
                     oid,
                     table,
                     estimated_rows,
+                    connections,
                 } => {
+                    tracing::info!(%table, estimated_rows, connections, "copying a table");
                     if let Some(t) = &opts.telemetry {
                         t.backfill_started(&table, estimated_rows);
                     }

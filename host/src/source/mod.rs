@@ -104,6 +104,9 @@ pub enum CaptureEvent {
         table: String,
         /// PostgreSQL's estimate of its row count.
         estimated_rows: u64,
+        /// How many connections copy it at once (`source.backfill_connections` for a
+        /// large table, 1 for a small or partitioned one).
+        connections: usize,
     },
     /// A table's shape: before the backfill copies it, and whenever PostgreSQL sends a
     /// Relation message (before a table's first change of a session, and after every
@@ -427,6 +430,10 @@ impl Capture {
                 Duration::from_secs(cfg.receive_timeout_s)
                     .max(2 * Duration::from_millis(cfg.status_interval_ms))
             }),
+            copiers: backfill::Copiers {
+                settings: settings.clone(),
+                connections: cfg.backfill_connections,
+            },
         };
         let backfill = backfill.map(|(snapshot, point)| Backfill {
             snapshot,
@@ -629,6 +636,8 @@ struct Worker {
     /// How long the replication connection may stay silent before the server is asked
     /// whether it still hears us.
     receive_timeout: Option<Duration>,
+    /// The connections that copy a large table beside the snapshot's own session.
+    copiers: backfill::Copiers,
 }
 
 /// A replication connection attempt, given up after the connect timeout (the transport
@@ -694,12 +703,12 @@ impl Worker {
         {
             let complete = backfill::copy_tables(
                 &client,
-                &snapshot,
-                consistent_point,
+                (&snapshot, consistent_point),
                 &tables,
                 &registry,
                 &mut self.events,
                 &self.stop,
+                &self.copiers,
             )
             .await?;
             if !complete {
@@ -788,12 +797,12 @@ impl Worker {
             let client = self.catalog.take().expect("the catalog session is set");
             let copied = backfill::copy_tables(
                 &client,
-                &snapshot,
-                point,
+                (&snapshot, point),
                 &tables,
                 &types,
                 &mut self.events,
                 &self.stop,
+                &self.copiers,
             )
             .await;
             self.catalog = Some(client);
@@ -862,10 +871,10 @@ impl Worker {
             {
                 c.attnum = Some(f.attnum);
                 c.has_default = f.has_default;
-                c.missing = f
-                    .missing
-                    .as_deref()
-                    .map(|text| decode::value::to_json(&c.kind, text));
+                c.missing = f.missing.as_deref().map(|text| {
+                    let (value, exact) = decode::value::to_json_exact(&c.kind, text);
+                    relation::Missing { value, exact }
+                });
             }
         }
         // Where the rows are stored, when the catalog has the shape of the message (it

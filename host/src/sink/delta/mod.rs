@@ -23,6 +23,7 @@ mod multiset;
 pub mod replica;
 mod reshape;
 pub mod schema;
+mod staging;
 pub mod table;
 
 use std::collections::HashMap;
@@ -422,6 +423,9 @@ pub struct DeltaSink {
     dead_letters: Option<LakeTable>,
     /// The plugins' state (when plugins are configured).
     plugin_state: Option<LakeTable>,
+    /// A source transaction is being written in parts: the tables its parts touch stage
+    /// them until its end (see `staging.rs`), so that readers see it whole.
+    staging: bool,
 }
 
 impl DeltaSink {
@@ -510,6 +514,7 @@ impl DeltaSink {
             collections: HashMap::new(),
             dead_letters: None,
             plugin_state,
+            staging: false,
         })
     }
 
@@ -520,6 +525,11 @@ impl DeltaSink {
     /// or a maintenance command would remove the parts of a transaction in flight.
     pub async fn repair(&mut self) -> Result<(), DeltaError> {
         for t in self.tables.values_mut() {
+            // A large transaction staged when the last run stopped: replayed in full.
+            t.replica.discard_staged().await?;
+            if let Some(log) = t.changes.as_mut() {
+                log.discard_staged().await?;
+            }
             if let Some(log) = t.changes.as_mut() {
                 remove_unfinished_parts(log).await?;
             }
@@ -618,6 +628,7 @@ impl DeltaSink {
     async fn dead_letters(&mut self) -> Result<&mut LakeTable, DeltaError> {
         if self.dead_letters.is_none() {
             let mut t = self.open_table(collection::DEAD_LETTERS).await?;
+            t.discard_staged().await?;
             remove_unfinished_parts(&mut t).await?;
             self.dead_letters = Some(t);
         }
@@ -639,13 +650,17 @@ impl DeltaSink {
         names.sort();
         for name in names {
             if !self.collections.contains_key(name.as_str()) {
-                let t = self.open_table(name).await?;
+                let mut t = self.open_table(name).await?;
+                t.discard_staged().await?;
                 self.collections.insert(name.clone(), t);
             }
             let t = self
                 .collections
                 .get_mut(name.as_str())
                 .expect("opened above");
+            if self.staging && position.is_none() {
+                t.stage().await?;
+            }
             // Rows the table holds already (a replay) are left out; copied only then.
             let all = &outputs[name];
             let kept: Vec<collection::OutputRow>;
@@ -665,7 +680,11 @@ impl DeltaSink {
             }
         }
         if !dead_letters.is_empty() {
+            let staging = self.staging && position.is_none();
             let t = self.dead_letters().await?;
+            if staging {
+                t.stage().await?;
+            }
             let rows: Vec<collection::DeadLetter> = dead_letters
                 .iter()
                 .filter(|r| t.version.is_none_or(|v| r.lsn >= v))
@@ -673,6 +692,19 @@ impl DeltaSink {
                 .collect();
             if !rows.is_empty() {
                 collection::write_dead_letters(t, &rows, position).await?;
+                self.stats.commits += 1;
+            }
+        }
+        // A large transaction's outputs land before the state that says it was run: a
+        // crash in between runs it through the plugins again.
+        if position.is_some() {
+            for t in self
+                .collections
+                .values_mut()
+                .chain(self.dead_letters.as_mut())
+                .filter(|t| t.is_staging())
+            {
+                t.unstage().await?;
                 self.stats.commits += 1;
             }
         }
@@ -987,7 +1019,7 @@ impl DeltaSink {
                     .map(|(name, v)| match json.iter().find(|(n, _)| **n == **name) {
                         Some((_, kind)) => {
                             let text = match d.exact_text(before, name) {
-                                Some(exact) => Value::String(exact.to_string()),
+                                Some(exact) => schema::exact_json_as_text(kind, exact),
                                 None => schema::json_as_text(kind, v),
                             };
                             (name.clone(), text)
@@ -1040,6 +1072,20 @@ impl DeltaSink {
                 table: t.display.clone(),
                 reason,
             });
+        }
+        // A part of a source transaction too large to hold (not of a backfill, which
+        // readers see filling): staged in every table it touches until the transaction
+        // ends ([`DeltaSink::close_parts`]).
+        if position.is_none() && docs.iter().any(|d| !d.source.snapshot) {
+            self.staging = true;
+            for (key, t) in self.tables.iter_mut() {
+                if by_table.contains_key(key) {
+                    t.replica.stage().await?;
+                    if let Some(log) = t.changes.as_mut() {
+                        log.stage().await?;
+                    }
+                }
+            }
         }
         // Every Delta table is independent: write them all at once.
         let mut writes = Vec::new();
@@ -1176,6 +1222,14 @@ impl DeltaSink {
                 commits += 1;
             }
         }
+        // The staged parts of the transaction that ends here, one commit per table.
+        for lt in self.every_table_mut() {
+            if lt.is_staging() {
+                lt.unstage().await?;
+                commits += 1;
+            }
+        }
+        self.staging = false;
         self.stats.commits += commits;
         Ok(())
     }
@@ -1216,7 +1270,7 @@ impl DeltaSink {
         let Some(t) = self
             .every_table_mut()
             .into_iter()
-            .filter(|t| t.exists())
+            .filter(|t| t.exists() && !t.is_staging())
             .map(|t| (t.small_files(target), t))
             .filter(|(n, _)| *n >= min)
             .max_by_key(|(n, _)| *n)

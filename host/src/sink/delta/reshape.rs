@@ -15,10 +15,10 @@ use deltalake::arrow::datatypes::{Field, Schema};
 use deltalake::datafusion::prelude::{Expr, lit};
 use deltalake::datafusion::scalar::ScalarValue;
 
-use super::DeltaError;
 use super::replica::column;
-use super::schema::{record_batch, to_arrow_json};
+use super::schema::{self, record_batch, to_arrow_json};
 use super::table::LakeTable;
+use super::{DeltaError, RAW};
 use crate::relation::Relation;
 
 /// Table property: the source's column numbers and the replica column each one fills.
@@ -151,6 +151,7 @@ pub async fn follow(
         .map(|s| s.fields().iter().map(|f| f.name().clone()).collect())
         .unwrap_or_default();
     let mut sets: Vec<(String, Expr)> = Vec::new();
+    let mut raw = serde_json::Map::new();
     for c in &rel.columns {
         let Some(n) = c.attnum else { continue };
         match before.get(&n) {
@@ -168,20 +169,30 @@ pub async fn follow(
             Some(_) => {}
             // Added since: rows from before have the default PostgreSQL keeps for them.
             None => {
-                let Some(value) = c.missing.as_ref().filter(|v| !v.is_null()) else {
+                let Some(missing) = c
+                    .missing
+                    .as_ref()
+                    .filter(|m| !m.value.is_null() || m.exact.is_some())
+                else {
                     continue;
                 };
                 let Some(field) = fields.iter().find(|f| **f.name() == *c.name) else {
                     continue;
                 };
-                let text;
-                let value = if super::schema::holds_json(&c.kind) {
-                    text = super::schema::json_as_text(&c.kind, value);
-                    &text
+                let value = if schema::holds_json(&c.kind) {
+                    match &missing.exact {
+                        Some(exact) => schema::exact_json_as_text(&c.kind, exact),
+                        None => schema::json_as_text(&c.kind, &missing.value),
+                    }
                 } else {
-                    value
+                    missing.value.clone()
                 };
-                match literal(field, value) {
+                // A default its Delta column cannot hold (a timestamp `infinity`, a BC
+                // date): NULL there and the value in `_raw`, as in a written row.
+                if schema::lost(&value, &to_arrow_json(value.clone(), field.data_type())) {
+                    raw.insert(c.name.to_string(), value.clone());
+                }
+                match literal(field, &value) {
                     Some(l) => {
                         tracing::info!(
                             table = %lt.name,
@@ -190,15 +201,31 @@ pub async fn follow(
                         );
                         sets.push((c.name.to_string(), l));
                     }
-                    None => tracing::warn!(
+                    None if raw.contains_key(&*c.name) => tracing::info!(
                         table = %lt.name,
                         column = %c.name,
                         %value,
-                        "the default of an added column does not fit its Delta type: older rows show NULL"
+                        "a source column was added with a default its Delta type cannot hold: \
+                         older rows have it in _raw (table rewritten)"
                     ),
+                    None => {
+                        return Err(DeltaError::Unplaceable {
+                            table: lt.name.clone(),
+                            reason: format!(
+                                "the default {value} of the added column {:?} does not convert \
+                                 to its Delta type {}, and the rows older than the column would \
+                                 show NULL instead; please report this",
+                                c.name,
+                                field.data_type()
+                            ),
+                        });
+                    }
                 }
             }
         }
+    }
+    if !raw.is_empty() && existing.iter().any(|f| f == RAW) {
+        sets.push((RAW.to_string(), with_raw(raw)));
     }
     lt.update_every_row(sets).await?;
     lt.set_property(
@@ -206,6 +233,32 @@ pub async fn follow(
         serde_json::to_string(&now).expect("a map"),
     )
     .await
+}
+
+/// `_raw` with the values of `more` added: their object where it was NULL, else its
+/// object with theirs appended (unless it holds the first already: an update repeated
+/// after a crash).
+fn with_raw(more: serde_json::Map<String, serde_json::Value>) -> Expr {
+    use deltalake::arrow::datatypes::DataType;
+    use deltalake::datafusion::functions::expr_fn::{character_length, concat, strpos, substring};
+    use deltalake::datafusion::prelude::cast;
+    use deltalake::datafusion::prelude::when;
+    let object = serde_json::Value::Object(more).to_string();
+    let first_key = {
+        let inner = &object[1..];
+        let end = inner.find("\":").map_or(0, |i| i + 2);
+        inner[..end].to_string()
+    };
+    let raw = || Expr::Column(column(RAW));
+    let length = cast(character_length(raw()), DataType::Int64);
+    let appended = concat(vec![
+        substring(raw(), lit(1i64), length - lit(1i64)),
+        lit(format!(",{}", &object[1..])),
+    ]);
+    when(raw().is_null(), lit(object.clone()))
+        .when(strpos(raw(), lit(first_key)).gt(lit(0i32)), raw())
+        .otherwise(appended)
+        .expect("a case expression")
 }
 
 /// `value` as a literal of `field`'s type, converted as a written row's value is.

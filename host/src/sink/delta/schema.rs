@@ -185,6 +185,24 @@ pub fn json_as_text(kind: &TypeKind, value: &Value) -> Value {
     }
 }
 
+/// [`json_as_text`] of a value known by its exact JSON text (see
+/// [`crate::document::ChangeDocument::exact`]): the text itself, or of an array each
+/// element's (`null` as NULL, as [`json_as_text`] has it).
+pub fn exact_json_as_text(kind: &TypeKind, exact: &str) -> Value {
+    if matches!(kind, TypeKind::Array(_)) {
+        type Items = Vec<Option<Box<serde_json::value::RawValue>>>;
+        if let Ok(items) = serde_json::from_str::<Items>(exact) {
+            return Value::Array(
+                items
+                    .into_iter()
+                    .map(|i| i.map_or(Value::Null, |raw| Value::String(raw.get().to_string())))
+                    .collect(),
+            );
+        }
+    }
+    Value::String(exact.to_string())
+}
+
 /// [`to_arrow_json`] of a borrowed value: the value itself where that leaves it as it is
 /// (nearly always: numbers, text, dates), so that rows need not copy their values.
 pub fn to_arrow_json_ref<'a>(value: &'a Value, ty: &DataType) -> Cow<'a, Value> {

@@ -17,9 +17,10 @@ use deltalake::{DeltaTable, DeltaTableError};
 
 use serde_json::{Map, Value};
 
-use super::DeltaError;
 use super::replica::{column, quote};
+use super::{DeltaError, staging};
 use crate::lsn::Lsn;
+use deltalake::logstore::object_store::ObjectStoreExt;
 
 /// Reopen a table after this many commits: the in-memory log state grows with every
 /// commit and slows the next ones (measured in FINDINGS.md).
@@ -58,6 +59,20 @@ pub struct LakeTable {
     pub known_keys_of: Vec<String>,
     /// The checkpoint being written in the background, and of which version.
     checkpointing: Option<(u64, tokio::task::JoinHandle<Result<(), DeltaTableError>>)>,
+    /// While the parts of a source transaction are staged ([`LakeTable::stage`]): the
+    /// table as its readers see it. `table` is then the staged one.
+    staged: Option<Staged>,
+}
+
+/// The table as readers see it while its writes are staged (see `staging.rs`).
+struct Staged {
+    /// Its last version when staging began (`None`: it did not exist).
+    base: Option<u64>,
+    /// Its handle then.
+    table: Option<DeltaTable>,
+    quick: Option<u64>,
+    /// Its position then.
+    version: Option<Lsn>,
 }
 
 /// What a key set records of one key: integer keys (the common case: `bigserial` ids,
@@ -281,6 +296,7 @@ impl LakeTable {
             known_keys: None,
             known_keys_of: Vec::new(),
             checkpointing: None,
+            staged: None,
         };
         t.reload().await?;
         Ok(t)
@@ -295,10 +311,15 @@ impl LakeTable {
 
     async fn reload(&mut self) -> Result<(), DeltaError> {
         self.commits_since_open = 0;
-        if self
-            .local_dir()
-            .is_some_and(|d| !d.join("_delta_log").is_dir())
-        {
+        let log = if self.staged.is_some() {
+            format!("{}/_delta_log", staging::STAGING_DIR)
+        } else {
+            "_delta_log".to_string()
+        };
+        let staged_base = self.staged.as_ref().is_some_and(|s| s.base.is_some());
+        if self.local_dir().is_some_and(|d| {
+            !(d.join(&log).is_dir() || staged_base && d.join("_delta_log").is_dir())
+        }) {
             self.table = None;
             self.head = None;
             return Ok(());
@@ -352,14 +373,38 @@ impl LakeTable {
         Ok(())
     }
 
-    /// The table, not loaded yet, on weir's log store (`engine.rs`).
+    /// The table, not loaded yet, on weir's log store (`engine.rs`); while staging, on
+    /// the staged log (`staging.rs`).
     fn unloaded(&self, action: &str) -> Result<DeltaTable, DeltaError> {
-        let store = deltalake::DeltaTableBuilder::from_url(self.url.clone())
+        let store = self.log_store(action)?;
+        let store = match &self.staged {
+            Some(staged) => {
+                let config = store.config();
+                deltalake::logstore::default_logstore(
+                    Arc::new(staging::StagedLog::new(
+                        store.object_store(None),
+                        staged.base,
+                    )),
+                    Arc::new(staging::StagedLog::new(
+                        store.root_object_store(None),
+                        staged.base,
+                    )),
+                    config.location(),
+                    config.options(),
+                )
+            }
+            None => store,
+        };
+        Ok(DeltaTable::new(super::engine::lean(store)))
+    }
+
+    /// The table's own log store (what its readers use).
+    fn log_store(&self, action: &str) -> Result<deltalake::logstore::LogStoreRef, DeltaError> {
+        deltalake::DeltaTableBuilder::from_url(self.url.clone())
             .map_err(|e| self.err(action, e))?
             .with_storage_options(self.storage.clone())
             .build_storage()
-            .map_err(|e| self.err(action, e))?;
-        Ok(DeltaTable::new(super::engine::lean(store)))
+            .map_err(|e| self.err(action, e))
     }
 
     fn err(&self, action: &str, source: DeltaTableError) -> DeltaError {
@@ -798,8 +843,10 @@ impl LakeTable {
             }
             None => self.open_part = true,
         }
+        // (A staged log is not checkpointed: it ends in one commit of the table.)
         if let Some(interval) = self.quick
             && (version + 1).is_multiple_of(interval)
+            && self.staged.is_none()
         {
             self.start_checkpoint(version).await?;
         }
@@ -1332,6 +1379,215 @@ impl LakeTable {
             Err(e) => self.failed("vacuuming", e).await,
         }
     }
+
+    /// Whether writes go to the staged log ([`LakeTable::stage`]).
+    pub fn is_staging(&self) -> bool {
+        self.staged.is_some()
+    }
+
+    /// From now on, until [`LakeTable::unstage`], commits go to a staged log over the
+    /// table's files (see `staging.rs`): readers of the table see none of them.
+    pub async fn stage(&mut self) -> Result<(), DeltaError> {
+        if self.staged.is_some() {
+            return Ok(());
+        }
+        self.settle().await?;
+        self.fresh().await?;
+        // A table with writer features weir does not write itself (see `quick_commits`)
+        // might need more in a commit than netted actions: its parts land as they come.
+        if self.table.as_ref().is_some_and(|t| !plain_features(t)) {
+            return Ok(());
+        }
+        self.staged = Some(Staged {
+            base: self.head,
+            table: self.table.take(),
+            quick: self.quick,
+            version: self.version,
+        });
+        // The staged table starts as the table (the same log, read through the staging).
+        if let Err(e) = self.reload().await {
+            self.restore_staged();
+            return Err(e);
+        }
+        tracing::debug!(table = %self.name, base = ?self.head, "staging a large transaction");
+        Ok(())
+    }
+
+    /// Back to the table as its readers see it, the staged commits dropped.
+    fn restore_staged(&mut self) {
+        if let Some(staged) = self.staged.take() {
+            self.table = None;
+            self.head = staged.base;
+            self.quick = staged.quick;
+            self.version = staged.version;
+            if let Some(table) = staged.table {
+                self.loaded(table);
+            }
+        }
+    }
+
+    /// Commits what was staged since [`LakeTable::stage`] as one commit of the table
+    /// (its position included: the staged commits carry it), then drops the staged log.
+    pub async fn unstage(&mut self) -> Result<(), DeltaError> {
+        let Some(base) = self.staged.as_ref().map(|s| s.base) else {
+            return Ok(());
+        };
+        self.settle().await?;
+        let first = base.map_or(0, |b| b + 1);
+        let head = self.head;
+        let staged_store = self.table.as_ref().map(|t| t.log_store());
+        let mut commits = Vec::new();
+        if let (Some(store), Some(head)) = (&staged_store, head) {
+            for v in first..=head {
+                let entry = store
+                    .read_commit_entry(v)
+                    .await
+                    .map_err(|e| self.err("reading the staged log of", e))?;
+                commits.push(entry.ok_or_else(|| {
+                    self.err(
+                        "reading the staged log of",
+                        DeltaTableError::Generic(format!("staged version {v} is missing")),
+                    )
+                })?);
+            }
+        }
+        let version = self.version;
+        let open_part = self.open_part;
+        self.restore_staged();
+        if !commits.is_empty() {
+            let netted = staging::net_commits(&commits, "WRITE").map_err(|reason| {
+                self.err(
+                    "committing the staged log of",
+                    DeltaTableError::Generic(reason),
+                )
+            })?;
+            let store = self.log_store("committing to")?;
+            let bytes = bytes::Bytes::from(netted.bytes);
+            match store
+                .write_commit_entry(
+                    first,
+                    CommitOrBytes::LogBytes(bytes.clone()),
+                    uuid::Uuid::new_v4(),
+                )
+                .await
+            {
+                Ok(()) => {}
+                // Its reply lost and sent again by the store's client: ours is there.
+                Err(TransactionError::VersionAlreadyExists(v))
+                    if store.read_commit_entry(v).await.ok().flatten().as_ref() == Some(&bytes) => {
+                }
+                Err(TransactionError::VersionAlreadyExists(v)) => {
+                    return Err(DeltaError::Concurrent {
+                        table: self.name.clone(),
+                        detail: format!(
+                            "version {v} was written by another writer while a large transaction                              was staged on version {base:?}"
+                        ),
+                    });
+                }
+                Err(e) => return Err(self.err("committing to", e.into())),
+            }
+            tracing::info!(
+                table = %self.name,
+                version = first,
+                staged_commits = commits.len(),
+                adds = netted.adds,
+                removes = netted.removes,
+                "a large transaction's parts committed at once"
+            );
+            self.head = Some(first);
+            self.version = version;
+            self.open_part = open_part;
+            match self.table.is_some() {
+                true => self.update().await?,
+                false => self.reload().await?,
+            }
+            self.remove_staged_files(&netted.orphans).await;
+        } else {
+            self.remove_staged_files(&[]).await;
+        }
+        Ok(())
+    }
+
+    /// Deletes the staged log and the files `orphans` (staged, then removed again: in no
+    /// version). Best effort: what is left is unreferenced, and dropped at the next start.
+    async fn remove_staged_files(&self, orphans: &[String]) {
+        let Ok(store) = self.log_store("cleaning") else {
+            return;
+        };
+        let store = store.object_store(None);
+        let mut paths: Vec<deltalake::Path> = orphans
+            .iter()
+            .filter_map(|p| deltalake::Path::from_url_path(p).ok())
+            .collect();
+        let staged: Vec<deltalake::ObjectMeta> = {
+            use futures_util::TryStreamExt;
+            store
+                .list(Some(&deltalake::Path::from(staging::STAGING_DIR)))
+                .try_collect()
+                .await
+                .unwrap_or_default()
+        };
+        paths.extend(staged.into_iter().map(|m| m.location));
+        for p in paths {
+            if let Err(e) = store.delete(&p).await
+                && !matches!(e, deltalake::ObjectStoreError::NotFound { .. })
+            {
+                tracing::warn!(table = %self.name, path = %p, error = %e, "could not delete a staged file");
+            }
+        }
+        if let Some(dir) = self.local_dir() {
+            let _ = std::fs::remove_dir_all(dir.join(staging::STAGING_DIR));
+        }
+    }
+
+    /// Drops what a run that stopped while staging left (see `staging.rs`): the staged
+    /// log, and the files it added that no version of the table holds. Returns whether
+    /// there was any. Only the process that owns the pipeline may call this.
+    pub async fn discard_staged(&mut self) -> Result<bool, DeltaError> {
+        use futures_util::TryStreamExt;
+        let store = self.log_store("cleaning")?;
+        let objects = store.object_store(None);
+        let listed: Vec<deltalake::ObjectMeta> = objects
+            .list(Some(&deltalake::Path::from(staging::STAGING_DIR)))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing the staged log of", e.into()))?;
+        if listed.is_empty() {
+            return Ok(false);
+        }
+        let mut versions: Vec<u64> = Vec::new();
+        let mut commits = Vec::new();
+        for m in &listed {
+            let Some(name) = m.location.filename() else {
+                continue;
+            };
+            if let (Some(v), true) = (staging::log_version(name), name.ends_with(".json")) {
+                let read = async { objects.get(&m.location).await?.bytes().await };
+                let bytes = read
+                    .await
+                    .map_err(|e| self.err("reading the staged log of", e.into()))?;
+                versions.push(v);
+                commits.push(bytes);
+            }
+        }
+        let mut added = staging::added_paths(&commits);
+        // The staged commits ended in one commit of the table right after their base
+        // when that commit is there: its files stay.
+        if let Some(first) = versions.iter().min()
+            && let Some(entry) = store
+                .read_commit_entry(*first)
+                .await
+                .map_err(|e| self.err("reading", e))?
+        {
+            for kept in staging::added_paths(&[entry]) {
+                added.remove(&kept);
+            }
+        }
+        let orphans: Vec<String> = added.into_iter().collect();
+        tracing::info!(table = %self.name, files = orphans.len(), "dropping what a stopped run had staged");
+        self.remove_staged_files(&orphans).await;
+        Ok(true)
+    }
 }
 
 /// `batch` in the table's `schema`, for a quick append: its columns by name, a nullable
@@ -1370,13 +1626,36 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Option<RecordBatch> {
 /// takes a commit as bytes (a conditional put; not the DynamoDB-locked S3 store).
 fn quick_commits(table: &DeltaTable) -> Option<u64> {
     use deltalake::table::config::TablePropertiesExt;
-    const HARMLESS: [&str; 3] = ["appendOnly", "timestampNtz", "deletionVectors"];
     if !["DefaultLogStore", "LakeFSLogStore"].contains(&table.log_store().name().as_str()) {
         return None;
     }
-    let snapshot = table.snapshot().ok()?;
-    let protocol = serde_json::to_value(snapshot.protocol()).ok()?;
-    let writer_version = protocol.get("minWriterVersion")?.as_i64()?;
+    plain_features(table)
+        .then(|| {
+            Some(
+                table
+                    .snapshot()
+                    .ok()?
+                    .table_config()
+                    .checkpoint_interval()
+                    .get(),
+            )
+        })
+        .flatten()
+}
+
+/// Whether the table has no writer features a commit weir writes itself would have to
+/// honour (constraints, invariants, in-commit timestamps, ...).
+fn plain_features(table: &DeltaTable) -> bool {
+    const HARMLESS: [&str; 3] = ["appendOnly", "timestampNtz", "deletionVectors"];
+    let Some(snapshot) = table.snapshot().ok() else {
+        return false;
+    };
+    let Some(protocol) = serde_json::to_value(snapshot.protocol()).ok() else {
+        return false;
+    };
+    let Some(writer_version) = protocol.get("minWriterVersion").and_then(Value::as_i64) else {
+        return false;
+    };
     let features_ok = match protocol.get("writerFeatures").and_then(Value::as_array) {
         Some(features) => features
             .iter()
@@ -1393,8 +1672,7 @@ fn quick_commits(table: &DeltaTable) -> Option<u64> {
         .fields()
         .iter()
         .any(|f| f.metadata().contains_key("delta.invariants"));
-    (features_ok && !constrained && !invariants)
-        .then(|| snapshot.table_config().checkpoint_interval().get())
+    features_ok && !constrained && !invariants
 }
 
 /// Whether a column of type `found` in the table can take values of type `expected`.
