@@ -66,6 +66,49 @@ pub fn log_version(name: &str) -> Option<u64> {
         .flatten()
 }
 
+impl StagedLog {
+    /// A listing (after `offset`) where the staged files take the place of the table's
+    /// log files of the same name, and the table's log shows its versions up to `base`.
+    fn list_staged(
+        &self,
+        prefix: Option<&Path>,
+        offset: Option<&Path>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let listing =
+            |store: &Arc<dyn ObjectStore>, prefix: Option<&Path>, offset: Option<&Path>| {
+                match offset {
+                    Some(offset) => store.list_with_offset(prefix, offset),
+                    None => store.list(prefix),
+                }
+            };
+        let Some(staged) = prefix.and_then(staged_path) else {
+            return listing(&self.inner, prefix, offset);
+        };
+        let own = listing(&self.inner, prefix, offset);
+        let staged_offset = offset.map(|o| staged_path(o).unwrap_or_else(|| o.clone()));
+        let theirs = listing(&self.inner, Some(&staged), staged_offset.as_ref());
+        let base = StagedLog::new(self.inner.clone(), self.base);
+        futures_util::stream::once(async move {
+            // Log folders past an offset are small: both listings are read whole.
+            let mut out: BTreeMap<Path, ObjectMeta> = BTreeMap::new();
+            let own: Vec<ObjectMeta> = own.try_collect().await?;
+            for m in own {
+                if base.in_base(&m.location) {
+                    out.insert(m.location.clone(), m);
+                }
+            }
+            let theirs: Vec<ObjectMeta> = theirs.try_collect().await?;
+            for mut m in theirs {
+                m.location = unstaged_path(&m.location);
+                out.insert(m.location.clone(), m);
+            }
+            Ok::<_, object_store::Error>(futures_util::stream::iter(out.into_values().map(Ok)))
+        })
+        .try_flatten()
+        .boxed()
+    }
+}
+
 /// `path` in the staging folder, when it is in (or is) a `_delta_log` folder.
 pub fn staged_path(path: &Path) -> Option<Path> {
     let parts: Vec<PathPart<'_>> = path.parts().collect();
@@ -195,31 +238,15 @@ impl ObjectStore for StagedLog {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let Some(staged) = prefix.and_then(staged_path) else {
-            return self.inner.list(prefix);
-        };
-        let inner = self.inner.clone();
-        let prefix = prefix.cloned();
-        let base = StagedLog::new(inner.clone(), self.base);
-        futures_util::stream::once(async move {
-            // Log folders are small: both listings are read whole, the staged files
-            // taking the place of the table's of the same name.
-            let mut out: BTreeMap<Path, ObjectMeta> = BTreeMap::new();
-            let own: Vec<ObjectMeta> = inner.list(prefix.as_ref()).try_collect().await?;
-            for m in own {
-                if base.in_base(&m.location) {
-                    out.insert(m.location.clone(), m);
-                }
-            }
-            let theirs: Vec<ObjectMeta> = inner.list(Some(&staged)).try_collect().await?;
-            for mut m in theirs {
-                m.location = unstaged_path(&m.location);
-                out.insert(m.location.clone(), m);
-            }
-            Ok::<_, object_store::Error>(futures_util::stream::iter(out.into_values().map(Ok)))
-        })
-        .try_flatten()
-        .boxed()
+        self.list_staged(prefix, None)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.list_staged(prefix, Some(offset))
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {

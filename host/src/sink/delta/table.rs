@@ -1404,10 +1404,22 @@ impl LakeTable {
             quick: self.quick,
             version: self.version,
         });
-        // The staged table starts as the table (the same log, read through the staging).
-        if let Err(e) = self.reload().await {
-            self.restore_staged();
-            return Err(e);
+        // The staged table starts as the table: its state, on the staged log.
+        let staged = match self.unloaded("staging") {
+            Ok(t) => t,
+            Err(e) => {
+                self.restore_staged();
+                return Err(e);
+            }
+        };
+        let state = self
+            .staged
+            .as_ref()
+            .and_then(|s| s.table.as_ref()?.state.clone());
+        if let Some(state) = state {
+            let mut staged = staged;
+            staged.state = Some(state);
+            self.loaded(staged);
         }
         tracing::debug!(table = %self.name, base = ?self.head, "staging a large transaction");
         Ok(())
@@ -1528,11 +1540,15 @@ impl LakeTable {
                 .unwrap_or_default()
         };
         paths.extend(staged.into_iter().map(|m| m.location));
-        for p in paths {
-            if let Err(e) = store.delete(&p).await
-                && !matches!(e, deltalake::ObjectStoreError::NotFound { .. })
-            {
-                tracing::warn!(table = %self.name, path = %p, error = %e, "could not delete a staged file");
+        // In batches where the store has them (S3: up to 1,000 keys a request).
+        let deleted: Vec<_> = {
+            use futures_util::StreamExt;
+            let locations = futures_util::stream::iter(paths.into_iter().map(Ok)).boxed();
+            store.delete_stream(locations).collect().await
+        };
+        for e in deleted.into_iter().filter_map(Result::err) {
+            if !matches!(e, deltalake::ObjectStoreError::NotFound { .. }) {
+                tracing::warn!(table = %self.name, error = %e, "could not delete a staged file");
             }
         }
         if let Some(dir) = self.local_dir() {
