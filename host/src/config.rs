@@ -18,7 +18,7 @@ pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 10;
 /// Default `source.receive_timeout_s`.
 pub const DEFAULT_RECEIVE_TIMEOUT_S: u64 = 30;
 /// Default `source.backfill_connections`.
-pub const DEFAULT_BACKFILL_CONNECTIONS: usize = 2;
+pub const DEFAULT_BACKFILL_CONNECTIONS: usize = 1;
 
 /// Default lake location: a folder next to where weir runs.
 pub const DEFAULT_LAKE_URL: &str = "./lake";
