@@ -290,6 +290,11 @@ async fn kill_9_during_transactions_in_parts_across_tables_loses_and_repeats_no_
 
     assert_change_logs_match_audit(&db, &lake, &["a", "b"], 3000).await;
     assert_replicas_equal(&db, &lake).await;
+    // What a killed run had staged of a transaction is gone.
+    for t in ["a", "b", "a_changes", "b_changes"] {
+        let staged = lake.join(t).join("_weir_staging");
+        assert!(!staged.exists(), "{} is left behind", staged.display());
+    }
 }
 
 /// The change logs of `tables` hold every change the audit saw, each once and in commit
