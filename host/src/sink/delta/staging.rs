@@ -41,18 +41,18 @@ impl StagedLog {
     pub fn new(inner: Arc<dyn ObjectStore>, base: Option<u64>) -> StagedLog {
         StagedLog { inner, base }
     }
+}
 
-    /// Whether the table's own log file at `path` is part of the staged log: its
-    /// versions up to `base` (and the checkpoint hint, which points at one of them).
-    fn in_base(&self, path: &Path) -> bool {
-        let Some(base) = self.base else {
-            return false;
-        };
-        match path.filename() {
-            Some("_last_checkpoint") => true,
-            Some(name) => log_version(name).is_some_and(|v| v <= base),
-            None => false,
-        }
+/// Whether the table's own log file at `path` is part of a staged log begun at `base`:
+/// its versions up to `base` (and the checkpoint hint, which points at one of them).
+fn in_base(path: &Path, base: Option<u64>) -> bool {
+    let Some(base) = base else {
+        return false;
+    };
+    match path.filename() {
+        Some("_last_checkpoint") => true,
+        Some(name) => log_version(name).is_some_and(|v| v <= base),
+        None => false,
     }
 }
 
@@ -87,13 +87,13 @@ impl StagedLog {
         let own = listing(&self.inner, prefix, offset);
         let staged_offset = offset.map(|o| staged_path(o).unwrap_or_else(|| o.clone()));
         let theirs = listing(&self.inner, Some(&staged), staged_offset.as_ref());
-        let base = StagedLog::new(self.inner.clone(), self.base);
+        let base = self.base;
         futures_util::stream::once(async move {
             // Log folders past an offset are small: both listings are read whole.
             let mut out: BTreeMap<Path, ObjectMeta> = BTreeMap::new();
             let own: Vec<ObjectMeta> = own.try_collect().await?;
             for m in own {
-                if base.in_base(&m.location) {
+                if in_base(&m.location, base) {
                     out.insert(m.location.clone(), m);
                 }
             }
@@ -186,7 +186,7 @@ impl ObjectStore for StagedLog {
                 got.meta.location = location.clone();
                 Ok(got)
             }
-            Err(object_store::Error::NotFound { .. }) if self.in_base(location) => {
+            Err(object_store::Error::NotFound { .. }) if in_base(location, self.base) => {
                 self.inner.get_opts(location, options).await
             }
             Err(e) => Err(e),

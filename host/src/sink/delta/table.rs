@@ -70,7 +70,6 @@ struct Staged {
     base: Option<u64>,
     /// Its handle then.
     table: Option<DeltaTable>,
-    quick: Option<u64>,
     /// Its position then.
     version: Option<Lsn>,
 }
@@ -1401,7 +1400,6 @@ impl LakeTable {
         self.staged = Some(Staged {
             base: self.head,
             table: self.table.take(),
-            quick: self.quick,
             version: self.version,
         });
         // The staged table starts as the table: its state, on the staged log.
@@ -1430,7 +1428,7 @@ impl LakeTable {
         if let Some(staged) = self.staged.take() {
             self.table = None;
             self.head = staged.base;
-            self.quick = staged.quick;
+            self.quick = None;
             self.version = staged.version;
             if let Some(table) = staged.table {
                 self.loaded(table);
@@ -1464,7 +1462,6 @@ impl LakeTable {
             }
         }
         let version = self.version;
-        let open_part = self.open_part;
         self.restore_staged();
         if !commits.is_empty() {
             let netted = staging::net_commits(&commits, "WRITE").map_err(|reason| {
@@ -1508,7 +1505,6 @@ impl LakeTable {
             );
             self.head = Some(first);
             self.version = version;
-            self.open_part = open_part;
             match self.table.is_some() {
                 true => self.update().await?,
                 false => self.reload().await?,
