@@ -214,7 +214,7 @@ impl DeltaError {
             }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
                 use std::io::ErrorKind as Kind;
-                return matches!(
+                if matches!(
                     io.kind(),
                     Kind::ConnectionRefused
                         | Kind::ConnectionReset
@@ -224,7 +224,16 @@ impl DeltaError {
                         | Kind::TimedOut
                         | Kind::Interrupted
                         | Kind::UnexpectedEof
-                );
+                ) {
+                    return true;
+                }
+                // The Parquet writer wraps the store's error (a timeout among them) in an
+                // `io::Error` of kind `Other`, whose `source()` skips the wrapped error:
+                // look inside it.
+                cause = io
+                    .get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static));
+                continue;
             }
             cause = match e.downcast_ref::<delta_kernel::error::Error>() {
                 // The kernel holds the store's error without naming it as the source.
@@ -658,7 +667,10 @@ impl DeltaSink {
                 .collections
                 .get_mut(name.as_str())
                 .expect("opened above");
-            if self.staging && position.is_none() {
+            // Outputs of a part (of a large transaction, or of a table's copy) are staged
+            // until its end: a crash before that leaves none of them, and the part is
+            // run through the plugins again.
+            if position.is_none() {
                 t.stage().await?;
             }
             // Rows the table holds already (a replay) are left out; copied only then.
@@ -680,7 +692,7 @@ impl DeltaSink {
             }
         }
         if !dead_letters.is_empty() {
-            let staging = self.staging && position.is_none();
+            let staging = position.is_none();
             let t = self.dead_letters().await?;
             if staging {
                 t.stage().await?;
@@ -1687,6 +1699,30 @@ async fn write_change_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store timeout while a Parquet file is uploaded reaches weir wrapped in the
+    /// Parquet writer's `io::Error` of kind `Other` (as CI saw it on 2026-12-04): still
+    /// transient. A refused key is not.
+    #[test]
+    fn a_store_timeout_inside_the_parquet_writer_is_transient() {
+        use deltalake::logstore::object_store;
+        let wrapped = |inner: std::io::Error| DeltaError::Table {
+            table: "b_changes".into(),
+            action: "appending to".into(),
+            source: Box::new(deltalake::DeltaTableError::Parquet {
+                source: deltalake::parquet::errors::ParquetError::External(Box::new(
+                    std::io::Error::other(object_store::Error::Generic {
+                        store: "S3",
+                        source: Box::new(inner),
+                    }),
+                )),
+            }),
+        };
+        assert!(wrapped(std::io::Error::from(std::io::ErrorKind::TimedOut)).is_transient());
+        assert!(
+            !wrapped(std::io::Error::from(std::io::ErrorKind::PermissionDenied)).is_transient()
+        );
+    }
 
     #[test]
     fn lake_debug_shows_no_credentials() {
