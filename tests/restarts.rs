@@ -145,15 +145,19 @@ async fn terminated_walsenders_are_retried_and_every_change_lands_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_start_copies_again() {
+async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_start_copies_only_what_is_missing()
+ {
     let db = TestDb::new("longcopy");
     db.sql(
-        "CREATE TABLE big (id int PRIMARY KEY, v text); \
+        "CREATE TABLE early (id int PRIMARY KEY, v text); \
+         INSERT INTO early SELECT g, 'start' FROM generate_series(1, 2000) g; \
+         CREATE TABLE big (id int PRIMARY KEY, v text); \
          INSERT INTO big SELECT g, repeat('x', 40) FROM generate_series(1, 3000000) g;",
     );
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
-    let cfg = config(&db, &["big"], &lake);
+    // Copied in this order: `early` is complete when `big`'s copy is cut short.
+    let cfg = config(&db, &["early", "big"], &lake);
     let (stop, rx) = tokio::sync::watch::channel(false);
     let task = {
         let cfg = cfg.clone();
@@ -161,8 +165,8 @@ async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_sta
             weir::pipeline::run(&cfg, weir::pipeline::RunOptions::default(), rx).await
         })
     };
-    // Once the first part of the copy is in the lake, ask for a shutdown.
-    support::wait_for("the first backfill part", 120, || {
+    // Once the early part of the copy is in the lake, ask for a shutdown.
+    support::wait_for("the early backfill part", 120, || {
         lake.join("big/_delta_log").exists()
     })
     .await;
@@ -181,18 +185,69 @@ async fn a_shutdown_during_a_long_backfill_stops_within_seconds_and_the_next_sta
         .parse::<u64>()
         .unwrap();
     assert!(held < 3_000_000, "the copy was interrupted: {held} rows");
-    // The next start copies again, into a replica equal to the source.
+    let copied_at = |table: &'static str| {
+        let lake = lake.clone();
+        async move {
+            lake_rows(
+                &lake,
+                &format!(
+                    "SELECT CAST(_lsn AS VARCHAR), CAST(count(*) AS VARCHAR), \
+                     CAST(count(DISTINCT id) AS VARCHAR) FROM {table}_changes \
+                     WHERE _snapshot GROUP BY _lsn"
+                ),
+            )
+            .await
+        }
+    };
+    let first_copy = copied_at("early").await;
+    assert_eq!(first_copy.len(), 1, "one copy of `early`: {first_copy:?}");
+    assert_eq!(first_copy[0][1..], ["2000", "2000"]);
+    // Changes while weir is stopped, to the table it copied and to the one it did not
+    // finish.
+    db.sql(
+        "UPDATE early SET v = 'after' WHERE id <= 10; DELETE FROM early WHERE id > 1990; \
+         INSERT INTO early VALUES (5000, 'new'); \
+         UPDATE big SET v = 'after' WHERE id <= 10; DELETE FROM big WHERE id = 3000000; \
+         INSERT INTO big VALUES (3000001, 'new');",
+    );
+    // The next start keeps `early` (it streams on from its copy: the slot was kept) and
+    // copies `big` again, into a replica equal to the source.
     run_until_now(&db, &cfg).await;
     assert_eq!(
-        lake_rows(
-            &lake,
-            "SELECT CAST(count(*) AS VARCHAR), CAST(count(DISTINCT id) AS VARCHAR), \
-             CAST(min(id) AS VARCHAR), CAST(max(id) AS VARCHAR) FROM big"
-        )
-        .await,
-        [["3000000", "3000000", "1", "3000000"]
-            .map(String::from)
-            .to_vec()]
+        copied_at("early").await,
+        first_copy,
+        "`early` was not copied again"
+    );
+    assert_eq!(
+        streamed(&lake, "early").await,
+        rows(&[("c", 1, 1), ("d", 10, 10), ("u", 10, 10)])
+    );
+    let client = db.client().await;
+    assert_same_rows(
+        &pg_rows(&client, "SELECT id::text, v FROM early ORDER BY early.id").await,
+        &lake_rows(&lake, "SELECT id, v FROM early ORDER BY id").await,
+        "early",
+    );
+    let summary = "SELECT CAST(count(*) AS VARCHAR), CAST(count(DISTINCT id) AS VARCHAR), \
+                   CAST(min(id) AS VARCHAR), CAST(max(id) AS VARCHAR), \
+                   CAST(sum(CASE WHEN v = 'after' THEN 1 ELSE 0 END) AS VARCHAR), \
+                   CAST(sum(CASE WHEN v = 'new' THEN 1 ELSE 0 END) AS VARCHAR) FROM big";
+    let want = [["3000000", "3000000", "1", "3000001", "10", "1"]
+        .map(String::from)
+        .to_vec()];
+    assert_eq!(pg_rows(&client, summary).await, want);
+    assert_eq!(lake_rows(&lake, summary).await, want);
+    // `big` copied once more, whole, at a later snapshot.
+    let big_copy = copied_at("big").await;
+    assert_eq!(
+        big_copy.len(),
+        1,
+        "one complete copy of `big`: {big_copy:?}"
+    );
+    assert_eq!(big_copy[0][1..], ["3000000", "3000000"]);
+    assert!(
+        big_copy[0][0].parse::<i64>().unwrap() > first_copy[0][0].parse::<i64>().unwrap(),
+        "`big` was copied at a snapshot after the early one"
     );
 }
 

@@ -97,6 +97,7 @@ pub async fn changes(capture: &mut Capture, n: usize) -> Vec<Value> {
             | CaptureEvent::BackfillDone { position }
             | CaptureEvent::TablesBackfilled { position, .. } => capture.acknowledge(position),
             CaptureEvent::BackfillTable { .. }
+            | CaptureEvent::TableCopied { .. }
             | CaptureEvent::Schema(_)
             | CaptureEvent::Resync { .. }
             | CaptureEvent::Idle { .. } => {}
@@ -116,6 +117,7 @@ pub async fn backfill(capture: &mut Capture) -> Vec<Value> {
                 return out;
             }
             CaptureEvent::BackfillTable { .. }
+            | CaptureEvent::TableCopied { .. }
             | CaptureEvent::Schema(_)
             | CaptureEvent::Resync { .. }
             | CaptureEvent::Idle { .. } => {}

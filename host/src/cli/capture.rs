@@ -143,7 +143,8 @@ pub async fn capture_to(
                 last_flush = Instant::now();
                 tracing::info!(%position, "backfill complete; streaming");
             }
-            CaptureEvent::Schema(_) => {}
+            // The output records one position, at the end of the backfill.
+            CaptureEvent::Schema(_) | CaptureEvent::TableCopied { .. } => {}
             CaptureEvent::Resync { table, lsn, .. } => tracing::warn!(
                 %lsn,
                 "`weir resync {table}` was asked; `weir capture` copies no table again (the \

@@ -562,16 +562,18 @@ impl SinkLink<'_> {
         .await
     }
 
-    /// The backfill's copies are complete at `position`: the rest of the batch is
-    /// written with it, and the tables `complete` names record it.
+    /// Copies are complete at `position`: the rest of the batch is written with it, and
+    /// the tables `complete` names record it (with the plugins' state as of them). The
+    /// backfill as a whole is `finished`, or it goes on with another table.
     async fn complete_backfill(
         &mut self,
         batch: &mut Batch,
         position: Lsn,
         complete: Completes,
+        finished: bool,
     ) -> Result<(), PipelineError> {
         self.copying = None;
-        if let Some(t) = &self.opts.telemetry {
+        if let (Some(t), true) = (&self.opts.telemetry, finished) {
             t.backfill_finished();
         }
         batch.close_transaction(position);
@@ -820,13 +822,24 @@ pub async fn run(
                         link.send(Job::Idle(position)).await?;
                     }
                 }
+                CaptureEvent::TableCopied { oid, position } => {
+                    // Recorded at once: a crash or a shutdown during a later table's copy
+                    // keeps this one, and the next start copies only the others.
+                    link.complete_backfill(
+                        &mut batch,
+                        position,
+                        Completes::Tables(vec![oid]),
+                        false,
+                    )
+                    .await?;
+                }
                 CaptureEvent::BackfillDone { position } => {
-                    link.complete_backfill(&mut batch, position, Completes::All)
+                    link.complete_backfill(&mut batch, position, Completes::All, true)
                         .await?;
                     tracing::info!(%position, "backfill read; streaming");
                 }
                 CaptureEvent::TablesBackfilled { position, tables } => {
-                    link.complete_backfill(&mut batch, position, Completes::Tables(tables))
+                    link.complete_backfill(&mut batch, position, Completes::Tables(tables), true)
                         .await?;
                     tracing::info!(%position, "added tables copied; streaming on");
                 }

@@ -109,6 +109,12 @@ pub async fn copy_tables(
             })))
             .await?;
         if columns.is_empty() {
+            events
+                .push(CaptureEvent::TableCopied {
+                    oid: table.oid,
+                    position: consistent_point,
+                })
+                .await?;
             continue;
         }
         let list = columns
@@ -147,6 +153,12 @@ pub async fn copy_tables(
             return Ok(false);
         };
         tracing::info!(table = %table.qualified(), rows, connections = parts, "backfilled");
+        events
+            .push(CaptureEvent::TableCopied {
+                oid: table.oid,
+                position: consistent_point,
+            })
+            .await?;
     }
     client
         .batch_execute("COMMIT")

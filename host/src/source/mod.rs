@@ -114,6 +114,17 @@ pub enum CaptureEvent {
     Schema(std::sync::Arc<relation::Relation>),
     /// A change (or a backfilled row).
     Change(ChangeDocument),
+    /// One table's copy is complete at `position` (its snapshot's consistent point):
+    /// every row it held then has been delivered. A consumer that records it keeps the
+    /// table when a later table's copy is cut short: the next start copies only the
+    /// tables that hold no position, at a snapshot of their own, and streams this one on
+    /// from `position`.
+    TableCopied {
+        /// The table's OID.
+        oid: u32,
+        /// The snapshot's consistent point.
+        position: Lsn,
+    },
     /// The backfill is complete: acknowledging `position` records that.
     BackfillDone {
         /// The slot's consistent point.
