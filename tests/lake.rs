@@ -379,8 +379,8 @@ async fn a_crash_between_the_delta_commit_and_the_acknowledgment_repeats_nothing
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let config = write_config(&db, &lake, dir.path());
-    // The first run commits the backfill, then the first streamed batch, and dies
-    // before acknowledging it.
+    // The first run commits the backfill (each table's copy, then its end: three
+    // commits), then the first streamed batch, and dies before acknowledging it.
     let writer = {
         let db_url = db.cluster.url_with_password(&db.db);
         tokio::spawn(async move {
@@ -416,7 +416,7 @@ async fn a_crash_between_the_delta_commit_and_the_acknowledgment_repeats_nothing
     crashing
         .args(["run", "--config"])
         .arg(&config)
-        .env("WEIR_CRASH_AFTER_COMMITS", "2")
+        .env("WEIR_CRASH_AFTER_COMMITS", "4")
         .stderr(Stdio::piped());
     let out = tokio::task::spawn_blocking(move || crashing.output().unwrap())
         .await
