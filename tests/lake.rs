@@ -1347,6 +1347,76 @@ async fn alerts(lake: &Path) -> Vec<Vec<String>> {
     .await
 }
 
+/// A backfill cut short during its second table (`transactions`, through the fraud
+/// rule) resumes with the first table kept and the plugins' state as of it: the next
+/// start copies `transactions` alone, and every transaction is scored once, as an
+/// uninterrupted run scores it (the outputs of the part copied before the shutdown are
+/// not left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_cut_short_resumes_with_the_plugins_state_and_scores_every_row_once() {
+    let db = TestDb::new("resumescore");
+    datagen(&db, 10_000.0, 0, 8).await;
+    db.sql(
+        "INSERT INTO transactions (user_id, transaction_date, amount) \
+         SELECT 1 + g % 20, timestamptz '2026-01-01' + g * interval '1 minute', \
+           CASE WHEN g % 997 = 0 THEN 5000 ELSE 10 + g % 50 END \
+         FROM generate_series(1, 300000) g",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ref_lake, _) = fraud_rule_reference(&db, dir.path()).await;
+    let lake = dir.path().join("lake");
+    let mut cfg = config(&db, &["public.users", "public.transactions"], &lake);
+    cfg.plugins = vec![fraud_rule_plugin()];
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { run(&cfg, RunOptions::default(), rx).await })
+    };
+    support::wait_for("the first part of `transactions`", 120, || {
+        lake.join("transactions/_delta_log").exists()
+    })
+    .await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the shutdown came")
+        .unwrap()
+        .expect("the interrupted run ends without an error");
+    let held = lake_rows(&lake, "SELECT count(*) FROM transactions").await[0][0]
+        .parse::<u64>()
+        .unwrap();
+    assert!(held < 300_000, "the copy was interrupted: {held} rows");
+    let users_copy =
+        "SELECT CAST(_lsn AS VARCHAR) FROM users_changes WHERE _snapshot GROUP BY _lsn";
+    let users_at = lake_rows(&lake, users_copy).await;
+    assert_eq!(users_at.len(), 1, "{users_at:?}");
+    run_until_now(&db, &cfg).await;
+    assert_eq!(
+        lake_rows(&lake, users_copy).await,
+        users_at,
+        "`users` was not copied again"
+    );
+    assert_bank_replica_equals_source(&db, &lake).await;
+    // The snapshots differ (and with them `_lsn`): the scores must not.
+    let scores = "SELECT _key, CAST(is_anomaly AS VARCHAR), CAST(user_avg AS VARCHAR), \
+                  CAST(amount AS VARCHAR) FROM fraud_alerts ORDER BY _key";
+    let expected = lake_rows(&ref_lake, scores).await;
+    assert_eq!(
+        expected.len(),
+        300_000,
+        "the reference scored every transaction"
+    );
+    assert!(
+        expected.iter().any(|r| r[1] == "true"),
+        "some anomalies flagged"
+    );
+    assert_same_rows(
+        &expected,
+        &lake_rows(&lake, scores).await,
+        "fraud_alerts after a resumed backfill vs uninterrupted",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fraud_alerts_are_written_once_across_kills() {
     let db = TestDb::new("alerts");
