@@ -108,15 +108,6 @@ pub async fn copy_tables(
                 storage: Some(storage),
             })))
             .await?;
-        if columns.is_empty() {
-            events
-                .push(CaptureEvent::TableCopied {
-                    oid: table.oid,
-                    position: consistent_point,
-                })
-                .await?;
-            continue;
-        }
         let list = columns
             .iter()
             .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
@@ -139,7 +130,10 @@ pub async fn copy_tables(
             unchanged: Vec::new(),
             exact,
         };
-        let copied = if parts > 1 {
+        // A table without columns has nothing to copy, and is copied all the same.
+        let copied = if columns.is_empty() {
+            Some(0)
+        } else if parts > 1 {
             copiers
                 .copy(
                     snapshot, table, &columns, &list, blocks, parts, events, stop, &doc,

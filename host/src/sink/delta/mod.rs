@@ -432,9 +432,6 @@ pub struct DeltaSink {
     dead_letters: Option<LakeTable>,
     /// The plugins' state (when plugins are configured).
     plugin_state: Option<LakeTable>,
-    /// A source transaction is being written in parts: the tables its parts touch stage
-    /// them until its end (see `staging.rs`), so that readers see it whole.
-    staging: bool,
 }
 
 impl DeltaSink {
@@ -523,7 +520,6 @@ impl DeltaSink {
             collections: HashMap::new(),
             dead_letters: None,
             plugin_state,
-            staging: false,
         })
     }
 
@@ -692,9 +688,8 @@ impl DeltaSink {
             }
         }
         if !dead_letters.is_empty() {
-            let staging = position.is_none();
             let t = self.dead_letters().await?;
-            if staging {
+            if position.is_none() {
                 t.stage().await?;
             }
             let rows: Vec<collection::DeadLetter> = dead_letters
@@ -1089,7 +1084,6 @@ impl DeltaSink {
         // readers see filling): staged in every table it touches until the transaction
         // ends ([`DeltaSink::close_parts`]).
         if position.is_none() && docs.iter().any(|d| !d.source.snapshot) {
-            self.staging = true;
             for (key, t) in self.tables.iter_mut() {
                 if by_table.contains_key(key) {
                     t.replica.stage().await?;
@@ -1241,7 +1235,6 @@ impl DeltaSink {
                 commits += 1;
             }
         }
-        self.staging = false;
         self.stats.commits += commits;
         Ok(())
     }
